@@ -1,0 +1,1 @@
+"""The one-step super-resolution pipeline and method descriptions. No ComfyUI imports."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny SD-2-shaped random models, built in-process (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tinymodels  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """A tiny SD-2-structured base (UNet, VAE, text encoder, tokenizer), random but seeded."""
+    return tinymodels.build_tiny_base(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, tiny_base):
+    """The tiny base saved as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    path = tmp_path_factory.mktemp("tiny_sd2_base")
+    tinymodels.save_diffusers_folder(tiny_base, path)
+    return path
