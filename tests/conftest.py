@@ -31,3 +31,13 @@ def tiny_base_dir(tmp_path_factory, tiny_base):
     path = tmp_path_factory.mktemp("tiny_sd2_base")
     tinymodels.save_diffusers_folder(tiny_base, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def osediff_pkl(tmp_path_factory, tiny_base):
+    """A synthetic osediff.pkl in the published layout plus the PEFT models it came from."""
+    import synthetic_weights
+
+    path = tmp_path_factory.mktemp("osediff") / "osediff.pkl"
+    peft_unet, peft_vae = synthetic_weights.write_osediff_pkl(tiny_base, path)
+    return path, peft_unet, peft_vae
