@@ -1,4 +1,18 @@
-"""ComfyUI nodes. Thin: parse inputs, call `pipelines/`, return."""
+"""ComfyUI nodes. Thin: parse inputs, call `pipelines/`, return.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Node ids are prefixed and never renamed; inputs are only ever appended (saved workflows store
+widget values by position).
+"""
+
+from .loader_node import OneStepSRLoader
+from .upscale_node import OneStepSRUpscale
+
+NODE_CLASS_MAPPINGS = {
+    "OneStepSR_Loader": OneStepSRLoader,
+    "OneStepSR_Upscale": OneStepSRUpscale,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "OneStepSR_Loader": "Load OneStep SR",
+    "OneStepSR_Upscale": "OneStep Upscale",
+}

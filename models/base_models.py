@@ -1,0 +1,201 @@
+"""Building the SD-2.x base (UNet, VAE, text encoder, tokenizer) offline.
+
+Sources: a diffusers folder, a single-file LDM checkpoint (.safetensors, as in models/checkpoints)
+or state dicts handed over by a host (ComfyUI's loaded MODEL/CLIP/VAE). Module configs ship with
+the pack (models/configs), so nothing is fetched. Modules are created on the meta device and then
+take the converted tensors by assignment: no random init, and no second copy of weights that are
+not modified later.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ldm_convert
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BASE_KINDS = ("sd21_base", "sd_turbo")
+
+
+class BaseModelError(ValueError):
+    """The base model is missing, unreadable or not an SD-2.x model."""
+
+
+@dataclass
+class BaseModels:
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any | None  # transformers CLIPTokenizer
+    source: str = ""
+
+
+def load_config(kind: str | Path, part: str) -> dict[str, Any]:
+    """A shipped config (`kind` in BASE_KINDS) or one from a folder holding unet.json, vae.json, ..."""
+    if isinstance(kind, Path) or kind not in BASE_KINDS:
+        folder = Path(kind)
+        if not folder.is_dir():
+            raise ValueError(f"unknown base kind {kind!r}; known: {BASE_KINDS} or a config folder")
+    else:
+        folder = CONFIG_DIR / kind
+    config = json.loads((folder / f"{part}.json").read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _build_on_meta(factory, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    with torch.device("meta"):
+        module = factory()
+    result = module.load_state_dict(dict(state), strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise BaseModelError(f"the {what} weights do not match the SD-2.x {what} structure ({detail})")
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (CLIP position ids) are rebuilt
+            owner = module.get_submodule(name.rpartition(".")[0])
+            leaf = name.rpartition(".")[2]
+            if leaf != "position_ids":
+                raise BaseModelError(f"cannot materialise buffer {name} of the {what}")
+            owner.register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+    return module.eval().requires_grad_(False)
+
+
+def build_unet(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base") -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    config = load_config(kind, "unet")
+    return _build_on_meta(lambda: UNet2DConditionModel(**config), state, "UNet")
+
+
+def build_vae(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base") -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    config = load_config(kind, "vae")
+    return _build_on_meta(lambda: AutoencoderKL(**config), state, "VAE")
+
+
+def build_text_encoder(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base") -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**load_config(kind, "text_encoder"))
+    return _build_on_meta(lambda: CLIPTextModel(config), state, "text encoder")
+
+
+def load_tokenizer(folder: str | Path, pad_token: str | None = None) -> Any:
+    """A CLIP tokenizer from a folder with vocab.json + merges.txt (diffusers `tokenizer/`, or
+    ComfyUI's bundled one). SD-2 pads with '!' - the padded positions reach the UNet, so it matters."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise BaseModelError(f"tokenizer file {name} not found in {folder}")
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(str(folder), **kwargs)
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BaseModelError(f"base checkpoint not found: {path.name} (looked in {path.parent})")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise BaseModelError(
+            f"could not read base checkpoint {path.name} in {path.parent}: corrupt or truncated ({error})"
+        ) from error
+    return dict(state.get("state_dict", state))
+
+
+def _require_sd2(state: Mapping[str, torch.Tensor], name: str) -> None:
+    kind = ldm_convert.detect_base(state)
+    if kind == "sd2":
+        return
+    names = {"sd1": "an SD-1.x", "sdxl": "an SDXL", "unknown": "not a Stable Diffusion 2.x"}
+    raise BaseModelError(
+        f"{name} is {names.get(kind, kind)} checkpoint; the one-step SR methods need an SD-2.x base "
+        "(SD-2.1-base for OSEDiff, SD-Turbo for S3Diff/Hero-SR)"
+    )
+
+
+def base_from_ldm_state(
+    unet_state: Mapping[str, torch.Tensor],
+    vae_state: Mapping[str, torch.Tensor],
+    text_state: Mapping[str, torch.Tensor],
+    text_format: str,
+    tokenizer: Any | None,
+    kind: str | Path = "sd21_base",
+    source: str = "",
+    text_prefix: str = "",
+) -> BaseModels:
+    """Build the base from LDM-layout UNet/VAE dicts and an OpenCLIP or HF-layout text dict."""
+    unet_config = load_config(kind, "unet")
+    vae_config = load_config(kind, "vae")
+    text_config = load_config(kind, "text_encoder")
+    unet = build_unet(ldm_convert.convert_ldm_unet(unet_state, unet_config), kind)
+    vae = build_vae(ldm_convert.convert_ldm_vae(vae_state, vae_config), kind)
+    if text_format == "open_clip":
+        text = ldm_convert.convert_open_clip_text(text_state, text_config)
+    else:
+        text = ldm_convert.convert_hf_clip_text(text_state, text_config, text_prefix)
+    return BaseModels(unet=unet, vae=vae, text_encoder=build_text_encoder(text, kind), tokenizer=tokenizer,
+                      source=source)
+
+
+def load_single_file_base(path: str | Path, tokenizer_dir: str | Path | None = None,
+                          kind: str | Path = "sd21_base") -> BaseModels:
+    """An SD-2.x single-file checkpoint (LDM layout). The file carries no tokenizer, so one must
+    come from `tokenizer_dir` (or the host); without it the base can only run with precomputed
+    prompt embeddings."""
+    path = Path(path)
+    state = _read_state_file(path)
+    _require_sd2(state, path.name)
+    parts = ldm_convert.split_single_file(state)
+    if not parts.text:
+        raise BaseModelError(f"{path.name} holds no text encoder (cond_stage_model.*); use a full SD-2.x checkpoint")
+    tokenizer = load_tokenizer(tokenizer_dir, pad_token="!") if tokenizer_dir else None
+    return base_from_ldm_state(parts.unet, parts.vae, parts.text, parts.text_format, tokenizer, kind,
+                               source=str(path))
+
+
+def load_diffusers_base(folder: str | Path) -> BaseModels:
+    """A diffusers folder (unet/, vae/, text_encoder/, tokenizer/), read locally only."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not (folder / part).is_dir():
+            raise BaseModelError(f"diffusers base folder {folder.name} has no {part}/ subfolder (looked in {folder})")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    except Exception as error:
+        raise BaseModelError(f"could not load the diffusers base in {folder}: {error}") from error
+    if getattr(unet.config, "cross_attention_dim", None) != text_encoder.config.hidden_size:
+        raise BaseModelError(f"{folder.name}: the UNet's cross-attention width does not match its text encoder")
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    modules = (unet.eval().requires_grad_(False), vae.eval().requires_grad_(False),
+               text_encoder.eval().requires_grad_(False))
+    return BaseModels(*modules, tokenizer=tokenizer, source=str(folder))
+
+
+def load_base(path: str | Path, tokenizer_dir: str | Path | None = None) -> BaseModels:
+    """A diffusers folder or a single-file checkpoint, whichever `path` is."""
+    path = Path(path)
+    if path.is_dir():
+        return load_diffusers_base(path)
+    if path.exists():
+        return load_single_file_base(path, tokenizer_dir)
+    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent})")

@@ -1,0 +1,175 @@
+"""The only module that talks to ComfyUI (`comfy.*`, `folder_paths`).
+
+Everything is imported lazily inside functions so the pack's package imports without ComfyUI
+(tests, CLI). Tests replace these functions' targets with small fakes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_FOLDER = "onestep_sr"
+WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors"}
+
+
+def register_weights_folder() -> None:
+    """Register models/onestep_sr (and keep any extra_model_paths.yaml entries for it)."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, WEIGHTS_FOLDER)
+    folder_paths.add_model_folder_path(WEIGHTS_FOLDER, default, is_default=True)
+    paths, extensions = folder_paths.folder_names_and_paths[WEIGHTS_FOLDER]
+    folder_paths.folder_names_and_paths[WEIGHTS_FOLDER] = (paths, set(extensions) | WEIGHTS_EXTENSIONS)
+
+
+def list_files(folder: str) -> list[str]:
+    import folder_paths
+
+    try:
+        return sorted(folder_paths.get_filename_list(folder))
+    except KeyError:
+        return []
+
+
+def folder_locations(folder: str) -> list[str]:
+    import folder_paths
+
+    try:
+        return folder_paths.get_folder_paths(folder)
+    except KeyError:
+        return []
+
+
+def full_path(folder: str, name: str) -> Path:
+    """The file's path, or an error that names the file and where to put it."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        where = ", ".join(folder_locations(folder)) or f"models/{folder}"
+        raise FileNotFoundError(f"{name} not found in the '{folder}' model folder; put it in {where}")
+    return Path(path)
+
+
+def diffusers_folder(name: str) -> Path:
+    for root in folder_locations("diffusers"):
+        candidate = Path(root) / name
+        if candidate.is_dir():
+            return candidate
+    where = ", ".join(folder_locations("diffusers")) or "models/diffusers"
+    raise FileNotFoundError(f"diffusers folder {name} not found; put it in {where}")
+
+
+def list_diffusers_folders() -> list[str]:
+    names = set()
+    for root in folder_locations("diffusers"):
+        if os.path.isdir(root):
+            names.update(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "unet")))
+    return sorted(names)
+
+
+def comfy_tokenizer_dir() -> Path:
+    """ComfyUI's bundled CLIP BPE files (the SD-2 text encoder uses the same vocabulary)."""
+    import comfy.sd1_clip
+
+    return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+
+
+def torch_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def offload_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.unet_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.intermediate_device()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    import comfy.model_management
+
+    if comfy.model_management.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+class ModuleBundle(nn.Module):
+    """One nn.Module holding a method's modules so ComfyUI loads and offloads them together.
+
+    ModelPatcher writes `model.device`; diffusers modules expose it as a read-only property, so they
+    travel inside this plain container instead of being wrapped directly.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+        self.device = None
+
+
+def make_patcher(modules: dict[str, nn.Module]) -> Any:
+    import comfy.model_management
+    import comfy.model_patcher
+
+    bundle = ModuleBundle(modules)
+    return comfy.model_patcher.ModelPatcher(
+        bundle,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def load_to_device(patcher: Any) -> torch.device:
+    """Let ComfyUI make room and move the modules (fully: our layers are not comfy.ops layers)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return patcher.load_device
+
+
+def progress_bar(total: int) -> Callable[[int, int], None]:
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, count: bar.update_absolute(done, count)
+
+
+def check_interrupt() -> None:
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def free_memory() -> None:
+    import comfy.model_management
+
+    comfy.model_management.soft_empty_cache()
+
+
+def comfy_base_state(model: Any, clip: Any, vae: Any) -> dict[str, Any]:
+    """LDM-layout UNet/VAE state dicts and the HF-layout CLIP dict of ComfyUI's loaded objects.
+
+    The tensors are ComfyUI's own (no copy); our loader only ever replaces them, never mutates.
+    """
+    unet_state = model.model.diffusion_model.state_dict()
+    vae_state = vae.first_stage_model.state_dict()
+    clip_state = clip.cond_stage_model.state_dict()
+    prefix = ""
+    for key in clip_state:
+        if ".transformer.text_model." in key:
+            prefix = key.split("transformer.text_model.")[0] + "transformer."
+            break
+    return {"unet": unet_state, "vae": vae_state, "text": clip_state, "text_prefix": prefix}

@@ -1,0 +1,68 @@
+"""OneStep Upscale: one UNet pass on the upscaled image's latent."""
+
+from __future__ import annotations
+
+from ..pipelines.color_fix import COLOR_FIX_METHODS
+from ..pipelines.onestep import RunHooks, UpscaleSettings
+from . import comfy_adapter as comfy
+from .handle import MODEL_TYPE
+
+METHOD_DEFAULT = "method default"
+
+
+class OneStepSRUpscale:
+    DESCRIPTION = (
+        "Upscales images with one diffusion UNet pass (OSEDiff): resize x scale, VAE encode, one UNet step, "
+        "decode, colour fix. Large images are tiled; the progress bar counts tiles."
+    )
+    CATEGORY = "image/upscaling/OneStep SR"
+    FUNCTION = "upscale"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The upscaled images (alpha and grayscale are preserved).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "onestep_model": (MODEL_TYPE, {"tooltip": "From Load OneStep SR."}),
+                "image": ("IMAGE", {"tooltip": "Images to upscale (a batch shares one size)."}),
+                "prompt": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Text describing the content. OSEDiff was trained with tag lists "
+                               "('tag1, tag2, ...'); a generation prompt works too. Empty is fine."}),
+                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5,
+                                    "tooltip": "Upscale factor. The methods were trained at x4."}),
+                "color_fix": ([METHOD_DEFAULT, *COLOR_FIX_METHODS], {
+                    "default": METHOD_DEFAULT,
+                    "tooltip": "Colour correction against the upscaled input: adain (OSEDiff default) matches "
+                               "per-channel mean/std; wavelet keeps the input's low frequencies; none."}),
+                "latent_tile": ("INT", {"default": 96, "min": 32, "max": 512, "step": 8,
+                                        "tooltip": "UNet tile size in latent pixels (x8 image pixels). Bigger "
+                                                   "tiles give more coherent results and need more VRAM."}),
+                "latent_overlap": ("INT", {"default": 32, "min": 0, "max": 256, "step": 8,
+                                           "tooltip": "Overlap between UNet tiles in latent pixels."}),
+                "vae_encoder_tile": ("INT", {"default": 1024, "min": 256, "max": 8192, "step": 64,
+                                             "tooltip": "VAE encoder tile in image pixels."}),
+                "vae_decoder_tile": ("INT", {"default": 224, "min": 32, "max": 1024, "step": 8,
+                                             "tooltip": "VAE decoder tile in latent pixels."}),
+                "latent": (["mean", "sample"], {
+                    "default": "mean",
+                    "tooltip": "mean: deterministic VAE latent. sample: draw it with the seed, as the "
+                               "official code does (slightly different each seed)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed for latent sampling (used when latent = sample)."}),
+            },
+        }
+
+    def upscale(self, onestep_model, image, prompt, scale, color_fix, latent_tile, latent_overlap,
+                vae_encoder_tile, vae_decoder_tile, latent, seed):
+        settings = UpscaleSettings(
+            scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
+            latent_tile=latent_tile, latent_overlap=latent_overlap, vae_encoder_tile=vae_encoder_tile,
+            vae_decoder_tile=vae_decoder_tile, seed=seed if latent == "sample" else None,
+        )
+        pipeline = onestep_model.pipeline()
+        hooks = RunHooks(progress=comfy.progress_bar(1), check_interrupt=comfy.check_interrupt)
+        result = pipeline(image, settings, hooks)
+        return (result.to(comfy.intermediate_device()),)

@@ -1,0 +1,57 @@
+"""Method descriptions: everything that differs between one-step SR methods, as data.
+
+The pipeline reads these fields and nothing else, so adding a method never touches it. Defaults
+reproduce each official implementation (see docs/methods.md for sources and deviations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    display_name: str
+    base_kind: str  # which shipped config family the base must be: "sd21_base" or "sd_turbo"
+    timestep: int = 999
+    prompt: str = ""
+    negative_prompt: str = ""
+    guidance: float = 1.0
+    process_size: int = 512  # inputs whose short side is below process_size/scale are enlarged first
+    enlarge_filter: str = "pil_bicubic"
+    upscale_filter: str = "pil_bicubic"
+    snap_filter: str = "pil_lanczos"
+    snap: int = 8  # model size is snapped down to this multiple by a resize
+    pad_multiple: int = 1  # or reflect-padded up to this multiple and cropped back (S3Diff: 64)
+    color_fix: str = "adain"
+    official_dtype: str = "fp16"
+    latent_tile: int = 96
+    latent_overlap: int = 32
+    vae_encoder_tile: int = 1024
+    vae_decoder_tile: int = 224
+
+
+OSEDIFF = MethodSpec(
+    name="osediff",
+    display_name="OSEDiff",
+    base_kind="sd21_base",
+    timestep=999,
+    prompt="",
+    color_fix="adain",
+    official_dtype="fp16",
+)
+
+METHODS: dict[str, MethodSpec] = {OSEDIFF.name: OSEDIFF}
+SUPPORTED_SOON = {"s3diff": "S3Diff", "hero_sr": "Hero-SR"}
+
+
+def get_method(name: str) -> MethodSpec:
+    if name in METHODS:
+        return METHODS[name]
+    if name in SUPPORTED_SOON:
+        raise NotImplementedError(
+            f"{SUPPORTED_SOON[name]} weights were recognised, but this version of OneStep SR supports only "
+            f"{', '.join(m.display_name for m in METHODS.values())}; update the pack for {SUPPORTED_SOON[name]}"
+        )
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")

@@ -1,0 +1,92 @@
+"""A loaded one-step SR model: the base modules with the method's weights applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.base_models import BaseModels
+from ..models.lora import merge_adapters, replace_parameters
+from ..models.method_weights import detect_method, parse_osediff
+from ..models.schedule import alphas_cumprod
+from ..models.weights_io import WeightsFileError, read_weights_file
+from .methods import MethodSpec, get_method
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class OneStepModel:
+    method: MethodSpec
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module | None
+    tokenizer: Any | None
+    weights_name: str = ""
+    schedule: torch.Tensor = field(default_factory=alphas_cumprod)
+    extras: dict[str, nn.Module] = field(default_factory=dict)
+    prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def modules(self) -> dict[str, nn.Module]:
+        named = {"unet": self.unet, "vae": self.vae, **self.extras}
+        if self.text_encoder is not None:
+            named["text_encoder"] = self.text_encoder
+        return named
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OneStepModel:
+        """Move every module; the text encoder stays fp32 (it runs once per prompt, and fp16 CLIP
+        differs visibly from the official fp32/fp16 embeddings only when it overflows)."""
+        for name, module in self.modules().items():
+            module.to(device=device, dtype=None if name == "text_encoder" else dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
+        """CLIP last hidden state for the prompt, padded to 77 tokens as the official code does."""
+        if prompt in self.prompt_cache:
+            return self.prompt_cache[prompt].to(device)
+        if self.tokenizer is None or self.text_encoder is None:
+            raise WeightsFileError(
+                "no tokenizer is available for this base: load it from a diffusers folder (with tokenizer/), "
+                "pass --tokenizer DIR, or use the base through ComfyUI's Load Checkpoint"
+            )
+        ids = self.tokenizer(
+            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        encoder_device = next(self.text_encoder.parameters()).device
+        embeds = self.text_encoder(ids.to(encoder_device))[0].float()
+        self.prompt_cache[prompt] = embeds.cpu()
+        return embeds.to(device)
+
+
+def apply_method_weights(base: BaseModels, data: dict, method_name: str, filename: str) -> OneStepModel:
+    """Apply a method's weights to the base modules (which become the model's own)."""
+    method = get_method(method_name)
+    if method.name == "osediff":
+        weights = parse_osediff(data, filename)
+        replace_parameters(base.unet, weights.unet_trained)
+        merge_adapters(base.unet, weights.unet_adapters, what="UNet")
+        merge_adapters(base.vae, weights.vae_adapters, what="VAE")
+    return OneStepModel(
+        method=method, unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        weights_name=filename,
+    )
+
+
+def load_onestep_model(base: BaseModels, weights_path: str | Path, method: str = "auto") -> OneStepModel:
+    """Read a method weights file, check it is the method asked for, and apply it to `base`."""
+    path = Path(weights_path)
+    data = read_weights_file(path)
+    found = detect_method(data, path.name)
+    if method not in ("auto", found):
+        raise WeightsFileError(f"{path.name} holds {found} weights, but method {method!r} was asked for")
+    return apply_method_weights(base, data, found, path.name)

@@ -1,0 +1,261 @@
+"""The one-step super-resolution pipeline.
+
+IMAGE -> method preprocessing (resize x scale, snap or pad) -> VAE encode (tiled, shared GroupNorm
+statistics) -> UNet once at t (latent tiles, Gaussian blending, optional CFG) -> x0 -> VAE decode ->
+colour fix against the upscaled input -> crop/resize -> IMAGE. Host-agnostic: ComfyUI and the CLI
+pass callbacks for progress, interrupts and warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..models.schedule import x0_from_eps
+from ..models.tiled_vae import decode_tiled, encode_tiled, tile_grid
+from .channels import merge_channels, split_channels
+from .color_fix import color_fix
+from .geometry import ResizePlan, apply_resize_plan, crop_to, plan_resize, reflect_pad_to_multiple
+from .latent_tiling import latent_tile_grid, tiled_eps
+from .model import OneStepModel
+from .resize import resize_image
+
+log = logging.getLogger("onestep_sr")
+
+ENCODER_PAD_PX = 32
+DECODER_PAD_LATENT = 11
+MIN_TILES = {"latent_tile": 32, "vae_encoder_tile": 256, "vae_decoder_tile": 32}
+
+
+class ImageTooLargeError(ValueError):
+    """The output would exceed the configured pixel limit."""
+
+
+@dataclass
+class UpscaleSettings:
+    scale: float = 4.0
+    prompt: str | None = None  # None: the method's default prompt
+    color_fix: str | None = None  # None: the method's default
+    latent_tile: int | None = None
+    latent_overlap: int | None = None
+    vae_encoder_tile: int | None = None
+    vae_decoder_tile: int | None = None
+    tile_batch: int = 4
+    seed: int | None = None  # None: use the latent mean (deterministic); int: sample, seeded
+    output_size: str = "exact"  # "exact": scale x input; "native": the size the model worked at
+    max_output_pixels: int = 8192 * 8192
+    timestep: int | None = None
+
+
+@dataclass
+class RunHooks:
+    progress: Callable[[int, int], None] | None = None
+    check_interrupt: Callable[[], None] | None = None
+    warn: Callable[[str], None] = field(default=log.warning)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if t)
+    return isinstance(error, oom_types) or "out of memory" in str(error).lower()
+
+
+class _TileCounter:
+    """Turns per-stage (done, total) tile counts into one running count for the progress bar."""
+
+    def __init__(self, totals: dict[str, int], hooks: RunHooks):
+        self.totals = totals
+        self.offsets = {}
+        running = 0
+        for stage, count in totals.items():
+            self.offsets[stage] = running
+            running += count
+        self.total = running
+        self.hooks = hooks
+
+    def stage(self, name: str) -> Callable[[int, int], None]:
+        def report(done: int, _total: int) -> None:
+            if self.hooks.check_interrupt:
+                self.hooks.check_interrupt()
+            if self.hooks.progress:
+                self.hooks.progress(self.offsets[name] + min(done, self.totals[name]), self.total)
+
+        return report
+
+
+class OneStepPipeline:
+    """Runs a loaded OneStepModel on image batches."""
+
+    def __init__(self, model: OneStepModel, device: torch.device | str = "cpu"):
+        self.model = model
+        self.device = torch.device(device)
+
+    # -- settings -------------------------------------------------------------------------------
+    def resolve(self, settings: UpscaleSettings) -> UpscaleSettings:
+        """Fill unset fields from the method's defaults."""
+        method = self.model.method
+        return replace(
+            settings,
+            prompt=method.prompt if settings.prompt is None else settings.prompt,
+            color_fix=settings.color_fix or method.color_fix,
+            latent_tile=settings.latent_tile or method.latent_tile,
+            latent_overlap=method.latent_overlap if settings.latent_overlap is None else settings.latent_overlap,
+            vae_encoder_tile=settings.vae_encoder_tile or method.vae_encoder_tile,
+            vae_decoder_tile=settings.vae_decoder_tile or method.vae_decoder_tile,
+            timestep=method.timestep if settings.timestep is None else settings.timestep,
+        )
+
+    def plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
+        method = self.model.method
+        if settings.scale <= 0:
+            raise ValueError(f"scale must be positive, got {settings.scale}")
+        plan = plan_resize(
+            (height, width), settings.scale, min_short_side=int(method.process_size // settings.scale),
+            snap=method.snap, enlarge_filter=method.enlarge_filter, upscale_filter=method.upscale_filter,
+            snap_filter=method.snap_filter,
+        )
+        biggest = max(plan.model_hw[0] * plan.model_hw[1], plan.target_hw[0] * plan.target_hw[1])
+        if biggest > settings.max_output_pixels:
+            raise ImageTooLargeError(
+                f"a {width}x{height} input at x{settings.scale:g} needs a {plan.model_hw[1]}x{plan.model_hw[0]} "
+                f"working image, above the limit of {settings.max_output_pixels} pixels; lower the scale, "
+                "downscale the input, or raise the limit (max_output_pixels / --max-pixels)"
+            )
+        if min(plan.model_hw) < 8:
+            raise ValueError(f"a {width}x{height} input is too small to process at x{settings.scale:g}")
+        return plan
+
+    # -- the run ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self, images: torch.Tensor, settings: UpscaleSettings | None = None, hooks: RunHooks | None = None
+    ) -> torch.Tensor:
+        """Upscale a batch (B, H, W, C) in [0, 1]; returns (B, H', W', C) float32 on the CPU."""
+        settings = self.resolve(settings or UpscaleSettings())
+        hooks = hooks or RunHooks()
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"expected an image batch (B, H, W, C), got shape {tuple(images.shape)}")
+        parts = split_channels(images.permute(0, 3, 1, 2).float())
+        plan = self.plan(images.shape[1], images.shape[2], settings)
+
+        x = apply_resize_plan(parts.rgb.to(self.device), plan)  # the upscaled input, [0, 1]
+        restored = self._run_with_oom_fallback(x, settings, hooks)
+        restored = color_fix(restored, x, settings.color_fix)
+        out_hw = plan.target_hw if settings.output_size == "exact" else plan.model_hw
+        if tuple(restored.shape[-2:]) != tuple(out_hw):
+            restored = resize_image(restored, out_hw, self.model.method.upscale_filter).clamp(0, 1)
+        alpha = None
+        if parts.alpha is not None:
+            alpha = resize_image(parts.alpha.to(self.device), out_hw, self.model.method.upscale_filter).clamp(0, 1)
+        result = merge_channels(restored, alpha, parts.grayscale)
+        return result.permute(0, 2, 3, 1).float().cpu()
+
+    def _run_with_oom_fallback(self, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> torch.Tensor:
+        """Restore; on out-of-memory halve the tiles and retry, then fall back to one image at a time."""
+        while True:
+            try:
+                return self.restore(x, settings, hooks)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                smaller = _halve_tiles(settings)
+                if smaller is None:
+                    if x.shape[0] > 1:
+                        hooks.warn("out of memory even with the smallest tiles; processing images one at a time")
+                        return torch.cat([self.restore(x[i : i + 1], settings, hooks) for i in range(x.shape[0])])
+                    raise
+                _free_device_cache(self.device)
+                hooks.warn(
+                    f"out of memory; retrying with smaller tiles (latent {smaller.latent_tile}, "
+                    f"VAE encoder {smaller.vae_encoder_tile}px, VAE decoder {smaller.vae_decoder_tile})"
+                )
+                settings = smaller
+
+    def restore(self, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> torch.Tensor:
+        """The model proper on the upscaled RGB batch in [0, 1]: returns the restored image in [0, 1]."""
+        model = self.model
+        method = model.method
+        x, padded_hw = (x, None)
+        if method.pad_multiple > 1:
+            original_hw = tuple(x.shape[-2:])
+            x, _ = reflect_pad_to_multiple(x * 2 - 1, method.pad_multiple)
+            x, padded_hw = (x + 1) / 2, original_hw
+        counter = self._tile_counter(x, settings, hooks)
+        dtype = next(model.unet.parameters()).dtype
+        vae_dtype = next(model.vae.parameters()).dtype
+
+        moments = encode_tiled(
+            model.vae, (x * 2 - 1).to(vae_dtype), tile_px=settings.vae_encoder_tile, pad_px=ENCODER_PAD_PX,
+            tile_batch=settings.tile_batch, progress=counter.stage("encode"), check_interrupt=hooks.check_interrupt,
+        )
+        latent = self._latent_from_moments(moments.float(), settings.seed) * model.scaling_factor
+
+        prompt_embeds = model.encode_prompt(settings.prompt, self.device).to(dtype)
+        timestep = settings.timestep
+
+        def eps_fn(tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            embeds = prompt_embeds.expand(tiles.shape[0], -1, -1)
+            return model.unet(tiles.to(dtype), timestep, encoder_hidden_states=embeds).sample
+
+        eps = tiled_eps(latent, eps_fn, settings.latent_tile, settings.latent_overlap, settings.tile_batch,
+                        on_tile=counter.stage("unet"))
+        z0 = x0_from_eps(latent, eps, timestep, model.schedule)
+
+        image = self._decode(z0 / model.scaling_factor, settings, counter, hooks)
+        image = (image.float().clamp(-1, 1) + 1) / 2
+        if padded_hw is not None:
+            image = crop_to(image, padded_hw)
+        return image
+
+    def _decode(self, z: torch.Tensor, settings: UpscaleSettings, counter: _TileCounter, hooks: RunHooks):
+        vae = self.model.vae
+        vae_dtype = next(vae.parameters()).dtype
+        image = decode_tiled(vae, z.to(vae_dtype), tile_latent=settings.vae_decoder_tile,
+                             pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
+                             progress=counter.stage("decode"), check_interrupt=hooks.check_interrupt)
+        if vae_dtype != torch.float32 and not torch.isfinite(image).all():
+            hooks.warn("the VAE produced NaN/inf in reduced precision; decoding again in fp32 (the VAE stays fp32)")
+            vae.to(torch.float32)
+            image = decode_tiled(vae, z.float(), tile_latent=settings.vae_decoder_tile,
+                                 pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
+                                 check_interrupt=hooks.check_interrupt)
+        return image
+
+    def _latent_from_moments(self, moments: torch.Tensor, seed: int | None) -> torch.Tensor:
+        mean, logvar = moments.chunk(2, dim=1)
+        if seed is None:
+            return mean
+        generator = torch.Generator(device=moments.device).manual_seed(int(seed))
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, device=moments.device, dtype=mean.dtype)
+        return mean + std * noise
+
+    def _tile_counter(self, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> _TileCounter:
+        batch, _, height, width = x.shape
+        encode = len(tile_grid(height, width, settings.vae_encoder_tile, ENCODER_PAD_PX, snap_multiple=8)) or 1
+        latent_h, latent_w = height // 8, width // 8
+        unet = max(1, len(latent_tile_grid(latent_h, latent_w, settings.latent_tile, settings.latent_overlap)))
+        decode = len(tile_grid(latent_h, latent_w, settings.vae_decoder_tile, DECODER_PAD_LATENT)) or 1
+        return _TileCounter({"encode": encode * batch, "unet": unet * batch, "decode": decode * batch}, hooks)
+
+
+def _halve_tiles(settings: UpscaleSettings) -> UpscaleSettings | None:
+    changes = {}
+    for name, minimum in MIN_TILES.items():
+        value = getattr(settings, name)
+        if value > minimum:
+            changes[name] = max(minimum, value // 2)
+    if not changes:
+        return None
+    if "latent_tile" in changes:
+        changes["latent_overlap"] = min(settings.latent_overlap, changes["latent_tile"] // 3)
+    return replace(settings, **changes)
+
+
+def _free_device_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
