@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ldm_convert
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BASE_KINDS = ("sd21_base", "sd_turbo")
@@ -118,6 +117,8 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _require_sd2(state: Mapping[str, torch.Tensor], name: str) -> None:
+    from . import ldm_convert
+
     kind = ldm_convert.detect_base(state)
     if kind == "sd2":
         return
@@ -139,6 +140,8 @@ def base_from_ldm_state(
     text_prefix: str = "",
 ) -> BaseModels:
     """Build the base from LDM-layout UNet/VAE dicts and an OpenCLIP or HF-layout text dict."""
+    from . import ldm_convert
+
     unet_config = load_config(kind, "unet")
     vae_config = load_config(kind, "vae")
     text_config = load_config(kind, "text_encoder")
@@ -157,6 +160,8 @@ def load_single_file_base(path: str | Path, tokenizer_dir: str | Path | None = N
     """An SD-2.x single-file checkpoint (LDM layout). The file carries no tokenizer, so one must
     come from `tokenizer_dir` (or the host); without it the base can only run with precomputed
     prompt embeddings."""
+    from . import ldm_convert
+
     path = Path(path)
     state = _read_state_file(path)
     _require_sd2(state, path.name)
