@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 BASE_KINDS = ("sd21_base", "sd_turbo")
 
@@ -88,14 +87,14 @@ def build_text_encoder(state: Mapping[str, torch.Tensor], kind: str | Path = "sd
 
 
 def load_tokenizer(folder: str | Path, pad_token: str | None = None) -> Any:
-    """A CLIP tokenizer from a folder with vocab.json + merges.txt (diffusers `tokenizer/`, or
+    """A CLIP tokenizer from a folder with vocab.json + merges.txt or tokenizer.json (diffusers `tokenizer/`, or
     ComfyUI's bundled one). SD-2 pads with '!' - the padded positions reach the UNet, so it matters."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
-    for name in ("vocab.json", "merges.txt"):
-        if not (folder / name).is_file():
-            raise BaseModelError(f"tokenizer file {name} not found in {folder}")
+    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not has_bpe and not (folder / "tokenizer.json").is_file():
+        raise BaseModelError(f"tokenizer files (vocab.json + merges.txt, or tokenizer.json) not found in {folder}")
     kwargs = {"pad_token": pad_token} if pad_token else {}
     return CLIPTokenizer.from_pretrained(str(folder), **kwargs)
 

@@ -205,18 +205,20 @@ class OneStepPipeline:
                         on_tile=counter.stage("unet"))
         z0 = x0_from_eps(latent, eps, timestep, model.schedule)
 
-        image = self._decode(z0 / model.scaling_factor, settings, counter, hooks)
+        image = self.decode(z0 / model.scaling_factor, settings, hooks, counter.stage("decode"))
         image = (image.float().clamp(-1, 1) + 1) / 2
         if padded_hw is not None:
             image = crop_to(image, padded_hw)
         return image
 
-    def _decode(self, z: torch.Tensor, settings: UpscaleSettings, counter: _TileCounter, hooks: RunHooks):
+    def decode(self, z: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Tiled VAE decode of unscaled latents; NaN/inf in fp16/bf16 triggers one fp32 retry."""
         vae = self.model.vae
         vae_dtype = next(vae.parameters()).dtype
         image = decode_tiled(vae, z.to(vae_dtype), tile_latent=settings.vae_decoder_tile,
                              pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
-                             progress=counter.stage("decode"), check_interrupt=hooks.check_interrupt)
+                             progress=progress, check_interrupt=hooks.check_interrupt)
         if vae_dtype != torch.float32 and not torch.isfinite(image).all():
             hooks.warn("the VAE produced NaN/inf in reduced precision; decoding again in fp32 (the VAE stays fp32)")
             vae.to(torch.float32)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from onestep_sr.pipelines.color_fix import (
     COLOR_FIX_METHODS,
     adain_color_fix,

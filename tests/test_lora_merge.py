@@ -103,6 +103,7 @@ def test_arbitrary_pickle_is_refused(tmp_path):
 def test_wrong_base_is_named(osediff_pkl):
     """An SD-1.5/SDXL-shaped UNet: the cross-attention width differs, so the mismatch is named."""
     from diffusers import UNet2DConditionModel
+
     from tinymodels import TINY_UNET_CONFIG
 
     path, _, _ = osediff_pkl

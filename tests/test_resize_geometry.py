@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
 from onestep_sr.pipelines.geometry import (
     ResizePlan,
     apply_resize_plan,
@@ -14,7 +16,6 @@ from onestep_sr.pipelines.geometry import (
     reflect_pad_to_multiple,
 )
 from onestep_sr.pipelines.resize import FILTERS, resize_image
-from PIL import Image
 
 PIL_RESAMPLE = {
     "pil_bicubic": Image.Resampling.BICUBIC,

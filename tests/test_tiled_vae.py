@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+
 from onestep_sr.models.tiled_vae import (
     _combine_stats,
     _decode_lockstep,

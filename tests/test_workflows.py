@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from onestep_sr.nodes import NODE_CLASS_MAPPINGS
+
 import fake_comfy
 import tinymodels
-from onestep_sr.nodes import NODE_CLASS_MAPPINGS
 
 WORKFLOWS = sorted((Path(__file__).parents[1] / "workflows").glob("*.json"))
 CONNECTION_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING", "ONESTEP_SR_MODEL",

@@ -136,7 +136,7 @@ def build_tiny_base(seed: int = 0, tokenizer_dir: Path | None = None) -> TinyBas
     # diffusers zero-inits some output convs; give them weights so every path carries signal.
     with torch.no_grad():
         for module in (unet, vae):
-            for name, param in module.named_parameters():
+            for _name, param in module.named_parameters():
                 if param.abs().sum() == 0 and param.dim() > 1:
                     param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     if tokenizer_dir is None:
