@@ -4,6 +4,7 @@ Node ids are prefixed and never renamed; inputs are only ever appended (saved wo
 widget values by position).
 """
 
+from .comfy_adapter import register_if_hosted
 from .loader_node import OneStepSRLoader
 from .upscale_node import OneStepSRUpscale
 
@@ -16,3 +17,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OneStepSR_Loader": "Load OneStep SR",
     "OneStepSR_Upscale": "OneStep Upscale",
 }
+
+register_if_hosted()

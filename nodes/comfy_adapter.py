@@ -28,9 +28,20 @@ def register_weights_folder() -> None:
     folder_paths.folder_names_and_paths[WEIGHTS_FOLDER] = (paths, set(extensions) | WEIGHTS_EXTENSIONS)
 
 
+def register_if_hosted() -> None:
+    """At import inside ComfyUI: make models/onestep_sr known before any node runs."""
+    try:
+        import folder_paths  # noqa: F401
+    except ImportError:
+        return
+    register_weights_folder()
+
+
 def list_files(folder: str) -> list[str]:
     import folder_paths
 
+    if folder == WEIGHTS_FOLDER:
+        register_weights_folder()
     try:
         return sorted(folder_paths.get_filename_list(folder))
     except KeyError:
@@ -50,6 +61,8 @@ def full_path(folder: str, name: str) -> Path:
     """The file's path, or an error that names the file and where to put it."""
     import folder_paths
 
+    if folder == WEIGHTS_FOLDER:
+        register_weights_folder()
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         where = ", ".join(folder_locations(folder)) or f"models/{folder}"

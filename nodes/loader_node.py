@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from ..models.base_models import base_from_ldm_state, load_diffusers_base, load_single_file_base, load_tokenizer
+from ..models.base_models import (
+    base_from_ldm_state,
+    load_diffusers_base,
+    load_single_file_base,
+    load_tokenizer,
+)
 from ..pipelines.model import DTYPES, load_onestep_model
 from . import comfy_adapter as comfy
 from .handle import MODEL_TYPE, OneStepHandle
