@@ -82,8 +82,16 @@ def build_vae(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base")
 def build_text_encoder(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base") -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from .ldm_convert import clip_keys_for
+
     config = CLIPTextConfig(**load_config(kind, "text_encoder"))
-    return _build_on_meta(lambda: CLIPTextModel(config), state, "text encoder")
+
+    def factory() -> nn.Module:
+        return CLIPTextModel(config)
+
+    with torch.device("meta"):
+        module_keys = set(factory().state_dict())
+    return _build_on_meta(factory, clip_keys_for(module_keys, state), "text encoder")
 
 
 def load_tokenizer(folder: str | Path, pad_token: str | None = None) -> Any:

@@ -20,9 +20,9 @@ def _deterministic_threads():
 
 
 @pytest.fixture(scope="session")
-def tiny_base():
+def tiny_base(tmp_path_factory):
     """A tiny SD-2-structured base (UNet, VAE, text encoder, tokenizer), random but seeded."""
-    return tinymodels.build_tiny_base(seed=0)
+    return tinymodels.build_tiny_base(seed=0, tokenizer_dir=tmp_path_factory.mktemp("tiny_tokenizer"))
 
 
 @pytest.fixture(scope="session")

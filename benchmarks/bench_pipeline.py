@@ -1,0 +1,111 @@
+"""Time the one-step pipeline untiled vs tiled on one image size, with random weights.
+
+Prints wall time and peak memory of each variant and their ratios against the untiled baseline
+measured in the same run. Each variant runs in its own process so peak memory is its own.
+
+    python benchmarks/bench_pipeline.py --size 512 --model sd21     # real SD-2 sizes, random weights
+    python benchmarks/bench_pipeline.py --size 256 --model tiny     # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+VARIANTS = {
+    "untiled": dict(latent_tile=4096, vae_encoder_tile=16384, vae_decoder_tile=4096),
+    "tiled (defaults 96/1024/224)": dict(),
+    "tiled small (64/512/64)": dict(latent_tile=64, latent_overlap=16, vae_encoder_tile=512, vae_decoder_tile=64),
+}
+
+
+def build_model(kind: str, dtype: torch.dtype, device: str):
+    """A OneStepModel with random base weights and a synthetic osediff.pkl (nothing downloaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from onestep_sr.models.base_models import BaseModels, load_config
+    from onestep_sr.pipelines.model import apply_method_weights
+
+    import synthetic_weights
+    import tinymodels
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_"))
+    if kind == "tiny":
+        base = tinymodels.build_tiny_base(tokenizer_dir=folder / "tok")
+    else:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**load_config("sd21_base", "unet")).eval()
+        vae = AutoencoderKL(**load_config("sd21_base", "vae")).eval()
+        text = CLIPTextModel(CLIPTextConfig(**{**load_config("sd21_base", "text_encoder"), "num_hidden_layers": 2}))
+        tinymodels.write_tiny_tokenizer(folder / "tok")
+        from transformers import CLIPTokenizer
+
+        base = tinymodels.TinyBase(unet, vae, text.eval(), CLIPTokenizer.from_pretrained(str(folder / "tok")))
+    unet, vae, lists = synthetic_weights.make_osediff_peft_models(base, rank=4)
+    data = synthetic_weights.osediff_checkpoint_dict(unet, vae, lists, rank=4)
+    bm = BaseModels(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+    return apply_method_weights(bm, data, "osediff", "synthetic.pkl").to(device, dtype)
+
+
+def run_variant(args) -> dict:
+    from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = build_model(args.model, dtype, args.device)
+    pipeline = OneStepPipeline(model, args.device)
+    side = args.size // 4
+    image = torch.rand(1, side, side, 3)
+    settings = UpscaleSettings(output_size="native", **VARIANTS[args.variant])
+    pipeline(torch.rand(1, 32, 32, 3), settings)  # warm-up (kernels, prompt cache)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = pipeline(image, settings)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"seconds": seconds, "peak_bytes": peak, "shape": list(out.shape)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="output side in pixels (input is size/4)")
+    parser.add_argument("--model", choices=["tiny", "sd21"], default="sd21")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    results = {}
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--dtype", args.dtype,
+                   "--device", args.device, "--variant", variant]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    base = results["untiled"]
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    print(f"{args.model} model, {args.size}x{args.size} output, {args.dtype}, {args.device}; {memory}")
+    for variant, r in results.items():
+        print(f"{variant:30s} {r['seconds']:8.2f} s  x{r['seconds'] / base['seconds']:.2f}   "
+              f"{r['peak_bytes'] / 2**20:9.0f} MiB  x{r['peak_bytes'] / base['peak_bytes']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
