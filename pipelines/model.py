@@ -42,10 +42,10 @@ class OneStepModel:
         return named
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OneStepModel:
-        """Move every module; the text encoder stays fp32 (it runs once per prompt, and fp16 CLIP
-        differs visibly from the official fp32/fp16 embeddings only when it overflows)."""
+        """Move every module; the text encoder always runs in fp32 (once per prompt, cached), so a
+        prompt gives the same embedding whatever precision the base file or host stored it in."""
         for name, module in self.modules().items():
-            module.to(device=device, dtype=None if name == "text_encoder" else dtype)
+            module.to(device=device, dtype=torch.float32 if name == "text_encoder" else dtype)
         return self
 
     @torch.no_grad()

@@ -70,12 +70,13 @@ def test_converted_modules_run_like_the_originals(tiny_base, ldm):
     converted = lc.convert_open_clip_text(text_state, TINY_TEXT_CONFIG)
     missing, unexpected = text.load_state_dict(lc.clip_keys_for(set(text.state_dict()), converted), strict=False)
     assert not unexpected and all("position_ids" in k for k in missing)
-    latent, embeds, image = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.rand(1, 3, 32, 32)
+    latent, embeds, image = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32), torch.rand(1, 3, 32, 32) * 2 - 1
     ids = torch.randint(0, 500, (1, 77))
     with torch.no_grad():
         assert torch.equal(unet(latent, 999, encoder_hidden_states=embeds).sample,
                            tiny_base.unet(latent, 999, encoder_hidden_states=embeds).sample)
         assert torch.equal(vae.decode(latent).sample, tiny_base.vae.decode(latent).sample)
+        assert torch.equal(vae.encode(image).latent_dist.mean, tiny_base.vae.encode(image).latent_dist.mean)
         assert torch.equal(text(ids)[0], tiny_base.text_encoder(ids)[0])
 
 
