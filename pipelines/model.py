@@ -28,15 +28,20 @@ class OneStepModel:
     tokenizer: Any | None
     weights_name: str = ""
     schedule: torch.Tensor = field(default_factory=alphas_cumprod)
-    extras: dict[str, nn.Module] = field(default_factory=dict)
     prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    dtsm: nn.Module | None = None  # Hero-SR: picks t per image
+    modulator: nn.Module | None = None  # S3Diff: degradation scores -> per-block LoRA matrices
+    degradation_estimator: nn.Module | None = None  # S3Diff: de_net
 
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
     def modules(self) -> dict[str, nn.Module]:
-        named = {"unet": self.unet, "vae": self.vae, **self.extras}
+        named = {"unet": self.unet, "vae": self.vae}
+        for name in ("dtsm", "modulator", "degradation_estimator"):
+            if getattr(self, name) is not None:
+                named[name] = getattr(self, name)
         if self.text_encoder is not None:
             named["text_encoder"] = self.text_encoder
         return named

@@ -35,6 +35,23 @@ class ImageTooLargeError(ValueError):
 
 
 @dataclass
+class Conditions:
+    """Everything the single pass is conditioned on, one entry per image where it varies."""
+
+    prompt_embeds: torch.Tensor  # (1, 77, D)
+    negative_embeds: torch.Tensor | None  # (1, 77, D) when guidance != 1
+    guidance: float
+    timesteps: torch.Tensor  # (B,) long
+    modulation: tuple[torch.Tensor, torch.Tensor] | None = None  # per-image (UNet, VAE) matrices
+
+    def select(self, index: int) -> Conditions:
+        modulation = None
+        if self.modulation is not None:
+            modulation = tuple(m[index : index + 1] for m in self.modulation)
+        return replace(self, timesteps=self.timesteps[index : index + 1], modulation=modulation)
+
+
+@dataclass
 class UpscaleSettings:
     scale: float = 4.0
     prompt: str | None = None  # None: the method's default prompt
@@ -47,7 +64,11 @@ class UpscaleSettings:
     seed: int | None = None  # None: use the latent mean (deterministic); int: sample, seeded
     output_size: str = "exact"  # "exact": scale x input; "native": the size the model worked at
     max_output_pixels: int = 8192 * 8192
-    timestep: int | None = None
+    negative_prompt: str | None = None  # None: the method's (used only when guidance != 1)
+    guidance: float | None = None  # None: the method's; 1.0 runs no negative pass
+    degradation: torch.Tensor | None = None  # (B, 2) blur/noise scores in [0, 1]; None: estimate (S3Diff)
+    timesteps: int | torch.Tensor | None = None  # one t or (B,); None: DTSM (Hero-SR) or the method's t
+    timestep_seed: int = 0  # seeds the DTSM's sampled timestep when it chooses t
 
 
 @dataclass
@@ -98,13 +119,14 @@ class OneStepPipeline:
         method = self.model.method
         return replace(
             settings,
-            prompt=method.prompt if settings.prompt is None else settings.prompt,
+            prompt=settings.prompt or method.prompt,
             color_fix=settings.color_fix or method.color_fix,
             latent_tile=settings.latent_tile or method.latent_tile,
             latent_overlap=method.latent_overlap if settings.latent_overlap is None else settings.latent_overlap,
             vae_encoder_tile=settings.vae_encoder_tile or method.vae_encoder_tile,
             vae_decoder_tile=settings.vae_decoder_tile or method.vae_decoder_tile,
-            timestep=method.timestep if settings.timestep is None else settings.timestep,
+            negative_prompt=method.negative_prompt if settings.negative_prompt is None else settings.negative_prompt,
+            guidance=method.guidance if settings.guidance is None else settings.guidance,
         )
 
     def plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
@@ -143,7 +165,8 @@ class OneStepPipeline:
         plan = self.plan(images.shape[1], images.shape[2], settings)
 
         x = apply_resize_plan(parts.rgb.to(self.device), plan)  # the upscaled input, [0, 1]
-        restored = self._run_with_oom_fallback(x, settings, hooks)
+        conditions = self.conditions(parts.rgb, x, settings)
+        restored = self._run_with_oom_fallback(x, settings, conditions, hooks)
         restored = color_fix(restored, x, settings.color_fix)
         out_hw = plan.target_hw if settings.output_size == "exact" else plan.model_hw
         if tuple(restored.shape[-2:]) != tuple(out_hw):
@@ -154,11 +177,37 @@ class OneStepPipeline:
         result = merge_channels(restored, alpha, parts.grayscale)
         return result.permute(0, 2, 3, 1).float().cpu()
 
-    def _run_with_oom_fallback(self, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> torch.Tensor:
+    def conditions(self, original: torch.Tensor, upscaled: torch.Tensor, settings: UpscaleSettings) -> Conditions:
+        """Prompt embeddings, per-image timesteps and (S3Diff) degradation modulation for a batch."""
+        model = self.model
+        batch = upscaled.shape[0]
+        embeds = model.encode_prompt(settings.prompt, self.device)
+        negative = None
+        if settings.guidance != 1.0:
+            negative = model.encode_prompt(settings.negative_prompt, self.device)
+        timesteps = settings.timesteps
+        if timesteps is None and model.dtsm is not None:
+            timesteps, _ = model.predict_timesteps(upscaled, mode="sample", seed=settings.timestep_seed)
+        if timesteps is None:
+            timesteps = model.method.timestep
+        timesteps = torch.as_tensor(timesteps, device=self.device).long().reshape(-1).expand(batch).clone()
+        if int(timesteps.min()) < 0 or int(timesteps.max()) > 999:
+            raise ValueError(f"timesteps must lie in [0, 999], got {timesteps.tolist()}")
+        modulation = None
+        if model.modulator is not None:
+            degradation = settings.degradation
+            if degradation is None:
+                degradation = model.estimate_degradation(original.to(self.device))
+            modulation = model.modulation(check_degradation(degradation, batch).to(self.device))
+        return Conditions(prompt_embeds=embeds, negative_embeds=negative, guidance=float(settings.guidance),
+                          timesteps=timesteps, modulation=modulation)
+
+    def _run_with_oom_fallback(self, x: torch.Tensor, settings: UpscaleSettings, conditions: Conditions,
+                               hooks: RunHooks) -> torch.Tensor:
         """Restore; on out-of-memory halve the tiles and retry, then fall back to one image at a time."""
         while True:
             try:
-                return self.restore(x, settings, hooks)
+                return self.restore(x, settings, conditions, hooks)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
@@ -166,7 +215,8 @@ class OneStepPipeline:
                 if smaller is None:
                     if x.shape[0] > 1:
                         hooks.warn("out of memory even with the smallest tiles; processing images one at a time")
-                        return torch.cat([self.restore(x[i : i + 1], settings, hooks) for i in range(x.shape[0])])
+                        return torch.cat([self.restore(x[i : i + 1], settings, conditions.select(i), hooks)
+                                          for i in range(x.shape[0])])
                     raise
                 _free_device_cache(self.device)
                 hooks.warn(
@@ -175,41 +225,74 @@ class OneStepPipeline:
                 )
                 settings = smaller
 
-    def restore(self, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> torch.Tensor:
+    def restore(self, x: torch.Tensor, settings: UpscaleSettings, conditions: Conditions,
+                hooks: RunHooks) -> torch.Tensor:
         """The model proper on the upscaled RGB batch in [0, 1]: returns the restored image in [0, 1]."""
         model = self.model
         method = model.method
-        x, padded_hw = (x, None)
+        original_hw = tuple(x.shape[-2:])
         if method.pad_multiple > 1:
-            original_hw = tuple(x.shape[-2:])
-            x, _ = reflect_pad_to_multiple(x * 2 - 1, method.pad_multiple)
-            x, padded_hw = (x + 1) / 2, original_hw
+            x = (reflect_pad_to_multiple(x * 2 - 1, method.pad_multiple)[0] + 1) / 2
         counter = self._tile_counter(x, settings, hooks)
-        dtype = next(model.unet.parameters()).dtype
-        vae_dtype = next(model.vae.parameters()).dtype
 
-        moments = encode_tiled(
-            model.vae, (x * 2 - 1).to(vae_dtype), tile_px=settings.vae_encoder_tile, pad_px=ENCODER_PAD_PX,
-            tile_batch=settings.tile_batch, progress=counter.stage("encode"), check_interrupt=hooks.check_interrupt,
-        )
-        latent = self._latent_from_moments(moments.float(), settings.seed) * model.scaling_factor
-
-        prompt_embeds = model.encode_prompt(settings.prompt, self.device).to(dtype)
-        timestep = settings.timestep
-
-        def eps_fn(tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            embeds = prompt_embeds.expand(tiles.shape[0], -1, -1)
-            return model.unet(tiles.to(dtype), timestep, encoder_hidden_states=embeds).sample
-
-        eps = tiled_eps(latent, eps_fn, settings.latent_tile, settings.latent_overlap, settings.tile_batch,
-                        on_tile=counter.stage("unet"))
-        z0 = x0_from_eps(latent, eps, timestep, model.schedule)
+        latent = self.encode(x, settings, conditions, hooks, counter.stage("encode")) * model.scaling_factor
+        eps = tiled_eps(latent, self._eps_function(conditions), settings.latent_tile, settings.latent_overlap,
+                        settings.tile_batch, on_tile=counter.stage("unet"))
+        z0 = x0_from_eps(latent, eps, conditions.timesteps, model.schedule)
 
         image = self.decode(z0 / model.scaling_factor, settings, hooks, counter.stage("decode"))
-        image = (image.float().clamp(-1, 1) + 1) / 2
-        if padded_hw is not None:
-            image = crop_to(image, padded_hw)
-        return image
+        return crop_to((image.float().clamp(-1, 1) + 1) / 2, original_hw)
+
+    def encode(self, x: torch.Tensor, settings: UpscaleSettings, conditions: Conditions, hooks: RunHooks,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """VAE latent (unscaled) of images in [0, 1]: the mean, or a seeded sample."""
+        vae = self.model.vae
+        vae_dtype = next(vae.parameters()).dtype
+
+        def run(images: torch.Tensor, done_before: int) -> torch.Tensor:
+            def report(done: int, total: int) -> None:
+                if progress:
+                    progress(done_before + done, total * x.shape[0] // images.shape[0])
+
+            return encode_tiled(vae, (images * 2 - 1).to(vae_dtype), tile_px=settings.vae_encoder_tile,
+                                pad_px=ENCODER_PAD_PX, tile_batch=settings.tile_batch, progress=report,
+                                check_interrupt=hooks.check_interrupt)
+
+        if conditions.modulation is None:
+            moments = run(x, 0)
+        else:  # the encoder LoRA is modulated per image: encode one image at a time
+            parts = []
+            for i in range(x.shape[0]):
+                self.model.set_vae_modulation(conditions.modulation[1][i : i + 1])
+                parts.append(run(x[i : i + 1], i * self._tiles_per_image(x, settings)))
+            moments = torch.cat(parts)
+        return self._latent_from_moments(moments.float(), settings.seed)
+
+    def _eps_function(self, conditions: Conditions):
+        """eps(tiles, image_index): one UNet call per tile batch, CFG batched into the same call."""
+        model = self.model
+        dtype = next(model.unet.parameters()).dtype
+        guided = conditions.negative_embeds is not None
+
+        def eps_fn(tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            count = tiles.shape[0]
+            embeds = conditions.prompt_embeds.expand(count, -1, -1)
+            timesteps = conditions.timesteps[index]
+            latents = tiles.to(dtype)
+            if guided:
+                embeds = torch.cat([conditions.negative_embeds.expand(count, -1, -1), embeds])
+                timesteps = torch.cat([timesteps, timesteps])
+                latents = torch.cat([latents, latents])
+            if conditions.modulation is not None:
+                unet_matrices = conditions.modulation[0][index]
+                model.set_unet_modulation(torch.cat([unet_matrices, unet_matrices]) if guided else unet_matrices)
+            eps = model.unet(latents, timesteps, encoder_hidden_states=embeds.to(dtype)).sample
+            if not guided:
+                return eps
+            negative, positive = eps.float().chunk(2)
+            return negative + conditions.guidance * (positive - negative)
+
+        return eps_fn
 
     def decode(self, z: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -236,6 +319,9 @@ class OneStepPipeline:
         noise = torch.randn(mean.shape, generator=generator, device=moments.device, dtype=mean.dtype)
         return mean + std * noise
 
+    def _tiles_per_image(self, x: torch.Tensor, settings: UpscaleSettings) -> int:
+        return len(tile_grid(x.shape[-2], x.shape[-1], settings.vae_encoder_tile, ENCODER_PAD_PX, snap_multiple=8))
+
     def _tile_counter(self, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> _TileCounter:
         batch, _, height, width = x.shape
         encode = len(tile_grid(height, width, settings.vae_encoder_tile, ENCODER_PAD_PX, snap_multiple=8)) or 1
@@ -243,6 +329,18 @@ class OneStepPipeline:
         unet = max(1, len(latent_tile_grid(latent_h, latent_w, settings.latent_tile, settings.latent_overlap)))
         decode = len(tile_grid(latent_h, latent_w, settings.vae_decoder_tile, DECODER_PAD_LATENT)) or 1
         return _TileCounter({"encode": encode * batch, "unet": unet * batch, "decode": decode * batch}, hooks)
+
+
+def check_degradation(scores: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, 2) blur/noise scores in [0, 1]; one row is applied to every image."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if scores.dim() == 1:
+        scores = scores.unsqueeze(0)
+    if scores.dim() != 2 or scores.shape[1] != 2 or scores.shape[0] not in (1, batch):
+        raise ValueError(f"degradation must be (blur, noise) per image, shape (B, 2); got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1:
+        raise ValueError(f"degradation scores must lie in [0, 1], got {scores.tolist()}")
+    return scores.expand(batch, 2)
 
 
 def _halve_tiles(settings: UpscaleSettings) -> UpscaleSettings | None:

@@ -3,8 +3,11 @@ ComfyUI owns), the pack imports without ComfyUI, and the registry metadata is pr
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).parents[1]
 

@@ -151,11 +151,11 @@ def test_out_of_memory_retries_with_smaller_tiles(pipeline, monkeypatch):
     calls = []
     original = OneStepPipeline.restore
 
-    def flaky(self, x, settings, hooks):
+    def flaky(self, x, settings, conditions, hooks):
         calls.append(settings.vae_decoder_tile)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, x, settings, hooks)
+        return original(self, x, settings, conditions, hooks)
 
     monkeypatch.setattr(OneStepPipeline, "restore", flaky)
     warnings = []
