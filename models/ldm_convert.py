@@ -1,305 +1,520 @@
-"""Key conversion between the original LDM / single-file Stable Diffusion 2.x layout and diffusers.
+"""Key conversion between the original LDM / single-file Stable Diffusion layout and diffusers.
 
-Both directions come from one table of renaming rules per model, built from the diffusers config,
-so they cannot drift apart. A rule maps an LDM module prefix to a diffusers module prefix, with
-optional renames of the leaf modules below it (resnet internals, VAE attention), and marks the VAE
-attention projections that are 1x1 convolutions in LDM but linear layers in diffusers.
+Single-file checkpoints (`v2-1_512-ema-pruned.safetensors`, ComfyUI's loaded models) use the
+CompVis/Stability LDM module names; our pipelines run diffusers `UNet2DConditionModel`,
+`AutoencoderKL` and transformers `CLIPTextModel`. Both layouts hold the same tensors, so a
+conversion is a renaming, plus three value changes: the VAE mid-block attention is 1x1 convs in
+LDM and linears in diffusers, and OpenCLIP fuses q/k/v into one `in_proj` matrix.
+
+Every conversion is driven by ONE table per model, built from the diffusers config: a list of
+`_Module(ldm_prefix, diffusers_prefix, leaves)` rows. The forward and the inverse direction read
+the same rows, so they cannot drift apart. A key is converted by finding its longest module
+prefix in the table and renaming the rest with the row's leaf table (None: names are the same
+below the module, as for the transformer blocks, which both layouts name identically).
+
+Text-encoder keys are produced in the file layout `text_model.…`. transformers >= 5.6 flattened
+CLIPTextModel (its keys are `embeddings.…`, `encoder.…`): inputs in either layout are accepted
+(`canonical_clip_keys`), and `clip_keys_for` adapts a converted dict to the installed module.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 HF_CLIP_PREFIX = "cond_stage_model.transformer."
+TEXT_MODEL = "text_model."  # the canonical (on-disk, transformers < 5.6) CLIPTextModel prefix
 
-UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
-VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+LeafMap = Mapping[str, "str | tuple[str, ...]"]
 
 
 class ConversionError(ValueError):
     """A state dict does not have the layout the conversion expects."""
 
 
+# --------------------------------------------------------------------------------------------
+# The table engine
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class Rule:
+class _Module:
+    """One module in both layouts. `leaves` renames what follows the module prefix (longest
+    matching dotted prefix wins); None keeps it unchanged. A tuple value fuses several diffusers
+    tensors into one LDM tensor along dim 0 (OpenCLIP in_proj = q, k, v). `conv_as_linear`: the
+    module's >1-D weights are 1x1 convs in LDM and linears in diffusers."""
+
     ldm: str
     diffusers: str
-    inner: Mapping[str, str] = field(default_factory=dict)
-    conv_to_linear: bool = False  # VAE attention q/k/v/proj: (C, C, 1, 1) <-> (C, C)
+    leaves: LeafMap | None = None
+    conv_as_linear: bool = False
+
+
+@dataclass
+class _Table:
+    modules: list[_Module]
+    what: str
+    ignore_ldm: Callable[[str], bool] = lambda key: False
+    ignore_diffusers: Callable[[str], bool] = lambda key: False
+    _by_side: dict[bool, dict[str, _Module]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._by_side = {
+            True: {m.ldm: m for m in self.modules},
+            False: {m.diffusers: m for m in self.modules},
+        }
+
+    def to_diffusers(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self._convert(state, from_ldm=True)
+
+    def to_ldm(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self._convert(state, from_ldm=False)
+
+    def _convert(self, state: Mapping[str, Tensor], from_ldm: bool) -> dict[str, Tensor]:
+        index = self._by_side[from_ldm]
+        ignore = self.ignore_ldm if from_ldm else self.ignore_diffusers
+        out: dict[str, Tensor] = {}
+        fused: dict[str, dict[int, Tensor]] = {}
+        fused_sizes: dict[str, int] = {}
+        unknown: list[str] = []
+        for key, value in state.items():
+            if ignore(key):
+                continue
+            found = _longest_prefix(key, index)
+            if found is None:
+                unknown.append(key)
+                continue
+            module, rest = found
+            target = module.diffusers if from_ldm else module.ldm
+            renamed = _rename_leaf(rest, module.leaves, from_ldm)
+            if renamed is None:
+                unknown.append(key)
+                continue
+            if from_ldm and isinstance(renamed, tuple):  # split a fused tensor
+                for name, part in zip(renamed, value.chunk(len(renamed), dim=0), strict=True):
+                    out[_join(target, name)] = part.clone()
+                continue
+            if not from_ldm and isinstance(renamed, tuple):  # one part of a fused tensor
+                name, position, count = renamed
+                fused.setdefault(_join(target, name), {})[position] = value
+                fused_sizes[_join(target, name)] = count
+                continue
+            if module.conv_as_linear and value.ndim > 1:
+                value = _conv_to_linear(value) if from_ldm else _linear_to_conv(value)
+            out[_join(target, renamed)] = value
+        if unknown:
+            raise ConversionError(
+                f"unexpected {self.what} key(s) {unknown[:4]} ({len(unknown)} in all): not the "
+                f"{self.what} structure the config describes"
+            )
+        for key, parts in fused.items():
+            if len(parts) != fused_sizes[key]:
+                raise ConversionError(f"{self.what}: {key} needs {fused_sizes[key]} parts, got {sorted(parts)}")
+            out[key] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+        return out
+
+
+def _join(prefix: str, rest: str) -> str:
+    return f"{prefix}.{rest}" if rest else prefix
+
+
+def _longest_prefix(key: str, index: Mapping[str, Any]) -> tuple[Any, str] | None:
+    """The entry whose name is the longest dotted prefix of `key` (or `key` itself), and the rest."""
+    parts = key.split(".")
+    for cut in range(len(parts), 0, -1):
+        entry = index.get(".".join(parts[:cut]))
+        if entry is not None:
+            return entry, ".".join(parts[cut:])
+    return None
+
+
+def _rename_leaf(rest: str, leaves: LeafMap | None, from_ldm: bool) -> Any:
+    """Forward: new leaf name, or a tuple of names to split into. Inverse: new leaf name, or
+    (fused name, position, count) for one part of a fused tensor. None: not in the table."""
+    if leaves is None:
+        return rest
+    if from_ldm:
+        found = _longest_prefix(rest, leaves)
+        if found is None:
+            return None
+        new, tail = found
+        if isinstance(new, tuple):
+            return None if tail else new
+        return _join(new, tail)
+    inverse = _inverse_leaves(tuple(leaves.items()))
+    found = _longest_prefix(rest, inverse)
+    if found is None:
+        return None
+    (old, position, count), tail = found
+    if position is None:
+        return _join(old, tail)
+    return None if tail else (old, position, count)
+
+
+@functools.lru_cache(maxsize=32)
+def _inverse_leaves(items: tuple[tuple[str, Any], ...]) -> dict[str, tuple[str, int | None, int]]:
+    inverse: dict[str, tuple[str, int | None, int]] = {}
+    for old, new in items:
+        if isinstance(new, tuple):
+            for position, name in enumerate(new):
+                inverse[name] = (old, position, len(new))
+        else:
+            inverse[new] = (old, None, 1)
+    return inverse
+
+
+def _conv_to_linear(value: Tensor) -> Tensor:
+    if value.ndim == 2:
+        return value
+    if any(size != 1 for size in value.shape[2:]):
+        raise ConversionError(f"expected a 1x1 convolution weight, got shape {tuple(value.shape)}")
+    return value.reshape(value.shape[:2])
+
+
+def _linear_to_conv(value: Tensor) -> Tensor:
+    return value.reshape(*value.shape, 1, 1) if value.ndim == 2 else value
+
+
+def _get(config: Any, name: str, default: Any = ...) -> Any:
+    """Read a config entry from a dict-like config or a config object (transformers)."""
+    if isinstance(config, Mapping):
+        value = config.get(name, default)
+    else:
+        value = getattr(config, name, default)
+    if value is ...:
+        raise KeyError(f"config has no {name!r}")
+    return value
+
+
+def _per_block(value: int | Iterable[int], count: int) -> list[int]:
+    values = [int(value)] * count if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"layers_per_block {value!r} does not match {count} blocks")
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# UNet
+# --------------------------------------------------------------------------------------------
+
+_UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_UNET_TOP = [
+    ("time_embed.0", "time_embedding.linear_1"),
+    ("time_embed.2", "time_embedding.linear_2"),
+    ("input_blocks.0.0", "conv_in"),
+    ("out.0", "conv_norm_out"),
+    ("out.2", "conv_out"),
+]
+
+
+def _unet_table(config: Mapping) -> _Table:
+    """LDM numbers UNet children sequentially: input_blocks = [conv_in, (resnet[, attention])
+    x layers, downsample] per level (no downsample on the last level), output_blocks = (resnet[,
+    attention][, upsample]) x (layers + 1) per level; SpatialTransformer and diffusers'
+    Transformer2DModel name their insides identically."""
+    downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
+    count = len(config["block_out_channels"])
+    if len(downs) != count or len(ups) != count:
+        raise ValueError("UNet config: block types and block_out_channels differ in length")
+    layers = _per_block(config["layers_per_block"], count)
+    mid_type = _get(config, "mid_block_type", "UNetMidBlock2DCrossAttn") or "UNetMidBlock2DCrossAttn"
+    if mid_type != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"UNet config: mid block {mid_type!r} is not the SD-2 cross-attention mid block")
+
+    modules = [_Module(ldm, diff) for ldm, diff in _UNET_TOP]
+    index = 1
+    for level, (kind, n) in enumerate(zip(downs, layers, strict=True)):
+        for j in range(n):
+            modules.append(_Module(f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{j}", _UNET_RESNET))
+            if "CrossAttn" in kind:
+                modules.append(_Module(f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{j}"))
+            index += 1
+        if level < count - 1:
+            modules.append(_Module(f"input_blocks.{index}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
+            index += 1
+    modules += [
+        _Module("middle_block.0", "mid_block.resnets.0", _UNET_RESNET),
+        _Module("middle_block.1", "mid_block.attentions.0"),
+        _Module("middle_block.2", "mid_block.resnets.1", _UNET_RESNET),
+    ]
+    index = 0
+    for level, (kind, n) in enumerate(zip(ups, reversed(layers), strict=True)):
+        attention = "CrossAttn" in kind
+        for j in range(n + 1):
+            modules.append(_Module(f"output_blocks.{index}.0", f"up_blocks.{level}.resnets.{j}", _UNET_RESNET))
+            if attention:
+                modules.append(_Module(f"output_blocks.{index}.1", f"up_blocks.{level}.attentions.{j}"))
+            if j == n and level < count - 1:
+                slot = 2 if attention else 1
+                modules.append(_Module(f"output_blocks.{index}.{slot}.conv", f"up_blocks.{level}.upsamplers.0.conv"))
+            index += 1
+    return _Table(modules, "UNet")
+
+
+def convert_ldm_unet(state: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """LDM UNet keys (without `model.diffusion_model.`) -> diffusers UNet2DConditionModel keys,
+    for the block layout in `config` (a diffusers UNet config). Tensors are not copied."""
+    return _unet_table(config).to_diffusers(state)
+
+
+def diffusers_to_ldm_unet(state: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """The inverse of `convert_ldm_unet` (to write single-file checkpoints)."""
+    return _unet_table(config).to_ldm(state)
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+# --------------------------------------------------------------------------------------------
+
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "nin_shortcut": "conv_shortcut"}
+_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _vae_table(config: Mapping) -> _Table:
+    """LDM numbers decoder levels from the bottom (`up.0` is the full-resolution level) while
+    diffusers numbers them in execution order, hence the reversal; the decoder has one more
+    resnet per level than the encoder."""
+    count = len(config["block_out_channels"])
+    if len(config["down_block_types"]) != count or len(config["up_block_types"]) != count:
+        raise ValueError("VAE config: block types and block_out_channels differ in length")
+    layers = int(config["layers_per_block"])
+    mid_attention = bool(_get(config, "mid_block_add_attention", True))
+
+    modules = [
+        _Module("encoder.conv_in", "encoder.conv_in"),
+        _Module("encoder.norm_out", "encoder.conv_norm_out"),
+        _Module("encoder.conv_out", "encoder.conv_out"),
+        _Module("decoder.conv_in", "decoder.conv_in"),
+        _Module("decoder.norm_out", "decoder.conv_norm_out"),
+        _Module("decoder.conv_out", "decoder.conv_out"),
+        _Module("quant_conv", "quant_conv"),
+        _Module("post_quant_conv", "post_quant_conv"),
+    ]
+    for part in ("encoder", "decoder"):
+        modules += [
+            _Module(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET),
+            _Module(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET),
+        ]
+        if mid_attention:
+            modules.append(_Module(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", _VAE_ATTENTION,
+                                   conv_as_linear=True))
+    for level in range(count):
+        for j in range(layers):
+            modules.append(_Module(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}",
+                                   _VAE_RESNET))
+        if level < count - 1:
+            modules.append(_Module(f"encoder.down.{level}.downsample.conv",
+                                   f"encoder.down_blocks.{level}.downsamplers.0.conv"))
+        ldm_level = count - 1 - level
+        for j in range(layers + 1):
+            modules.append(_Module(f"decoder.up.{ldm_level}.block.{j}", f"decoder.up_blocks.{level}.resnets.{j}",
+                                   _VAE_RESNET))
+        if level < count - 1:
+            modules.append(_Module(f"decoder.up.{ldm_level}.upsample.conv",
+                                   f"decoder.up_blocks.{level}.upsamplers.0.conv"))
+    # Some VAE files still carry the training loss (LPIPS, discriminator): never model weights.
+    return _Table(modules, "VAE", ignore_ldm=lambda key: key.startswith("loss."))
+
+
+def convert_ldm_vae(state: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """LDM VAE keys (without `first_stage_model.`) -> diffusers AutoencoderKL keys; mid-block
+    attention 1x1 conv weights become linear weights (reshaped views, no copy)."""
+    return _vae_table(config).to_diffusers(state)
+
+
+def diffusers_to_ldm_vae(state: Mapping[str, Tensor], config: Mapping) -> dict[str, Tensor]:
+    """The inverse of `convert_ldm_vae`; attention linears become 1x1 conv weights."""
+    return _vae_table(config).to_ldm(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoder
+# --------------------------------------------------------------------------------------------
+
+_CLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+    "attn.in_proj_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.in_proj_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+}
+_OPEN_CLIP_EXTRAS = {"text_projection", "logit_scale", "attn_mask"}
+_HF_EXTRAS = {"text_projection.weight", "logit_scale", f"{TEXT_MODEL}embeddings.position_ids"}
+_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+_HF_LAYER = re.compile(rf"^{re.escape(TEXT_MODEL)}encoder\.layers\.(\d+)\.")
+
+
+def _text_table(config: Any) -> _Table:
+    """Keeps the first num_hidden_layers blocks: SD-2 conditions on OpenCLIP's penultimate layer,
+    so its CLIPTextModel has 23 of the file's 24 resblocks."""
+    layers = int(_get(config, "num_hidden_layers"))
+    modules = [
+        _Module("token_embedding", f"{TEXT_MODEL}embeddings.token_embedding"),
+        _Module("positional_embedding", f"{TEXT_MODEL}embeddings.position_embedding.weight"),
+        _Module("ln_final", f"{TEXT_MODEL}final_layer_norm"),
+    ]
+    modules += [_Module(f"transformer.resblocks.{i}", f"{TEXT_MODEL}encoder.layers.{i}", _CLIP_LAYER)
+                for i in range(layers)]
+
+    def ignore_ldm(key: str) -> bool:
+        match = _RESBLOCK.match(key)
+        return key in _OPEN_CLIP_EXTRAS or (match is not None and int(match[1]) >= layers)
+
+    return _Table(modules, "OpenCLIP text encoder", ignore_ldm=ignore_ldm,
+                  ignore_diffusers=lambda key: key in _HF_EXTRAS)
+
+
+def canonical_clip_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers >= 5.6 drops the `text_model.` level of CLIPTextModel's keys; files keep it.
+    Put it back so conversions see one layout whatever transformers version made the dict."""
+    roots = ("embeddings.", "encoder.", "final_layer_norm.")
+    return {(TEXT_MODEL + k if k.startswith(roots) else k): v for k, v in state.items()}
+
+
+def clip_keys_for(module_keys: Iterable[str], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Canonical `text_model.*` keys -> the layout of the installed CLIPTextModel, given its keys."""
+    if any(k.startswith(TEXT_MODEL) for k in module_keys):
+        return dict(state)
+    return {k.removeprefix(TEXT_MODEL): v for k, v in state.items()}
+
+
+def convert_open_clip_text(state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
+    """OpenCLIP text-tower keys (without `cond_stage_model.model.`) -> CLIPTextModel keys
+    (`text_model.…`): in_proj split into q/k/v, only the first `num_hidden_layers` resblocks
+    kept, text_projection / logit_scale / attn_mask dropped."""
+    return _text_table(config).to_diffusers(state)
+
+
+def convert_hf_clip_text(state: Mapping[str, Tensor], config: Any, prefix: str = "") -> dict[str, Tensor]:
+    """A transformers-layout CLIP dict stored under `prefix` (ComfyUI: `clip_h.transformer.`;
+    SD-1 files: `cond_stage_model.transformer.`) -> CLIPTextModel keys (`text_model.…`). Keys
+    outside `prefix` are skipped; layers beyond `num_hidden_layers` (ComfyUI keeps all 24 of
+    OpenCLIP's) and text_projection / logit_scale / position_ids are dropped."""
+    if prefix and not prefix.endswith("."):
+        prefix += "."
+    inner = canonical_clip_keys({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    layers = int(_get(config, "num_hidden_layers"))
+    kept: dict[str, Tensor] = {}
+    for key, value in inner.items():
+        match = _HF_LAYER.match(key)
+        if key in _HF_EXTRAS or not key.startswith(TEXT_MODEL) or (match and int(match[1]) >= layers):
+            continue
+        kept[key] = value
+    if not kept:
+        raise ConversionError(f"no CLIP text-model weights under the prefix {prefix!r}")
+    return kept
+
+
+def hf_clip_to_open_clip_text(
+    state: Mapping[str, Tensor], config: Any, extra_layer: bool = True, text_projection: bool = True
+) -> dict[str, Tensor]:
+    """CLIPTextModel keys (either layout) -> OpenCLIP text-tower keys with fused in_proj.
+
+    A real SD-2 file holds all 24 OpenCLIP resblocks while SD-2 uses 23, so with `extra_layer`
+    one more resblock (a copy of the last; never used) is appended, and with `text_projection`
+    an identity-like [hidden, projection_dim] `text_projection` is written: synthetic files then
+    look like real ones, and the forward conversion must drop both.
+    """
+    ldm = _text_table(config).to_ldm(canonical_clip_keys(state))
+    if extra_layer:
+        layers = int(_get(config, "num_hidden_layers"))
+        last, copy = f"transformer.resblocks.{layers - 1}.", f"transformer.resblocks.{layers}."
+        ldm.update({copy + k[len(last):]: v.clone() for k, v in list(ldm.items()) if k.startswith(last)})
+    if text_projection:
+        embedding = ldm["token_embedding.weight"]
+        width = int(_get(config, "projection_dim", embedding.shape[1]))
+        ldm["text_projection"] = torch.eye(embedding.shape[1], width, dtype=embedding.dtype)
+    return ldm
+
+
+# --------------------------------------------------------------------------------------------
+# Single-file checkpoints
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class SingleFileParts:
-    unet: dict[str, torch.Tensor]
-    vae: dict[str, torch.Tensor]
-    text: dict[str, torch.Tensor]
-    text_format: str  # "open_clip" (SD-2) or "hf" (SD-1)
+    """A single-file checkpoint split by prefix; each dict is stripped of its prefix.
+    text_format: 'open_clip' (SD-2, `cond_stage_model.model.`), 'hf' (SD-1, keys `text_model.…`
+    after stripping `cond_stage_model.transformer.`) or None when the file has no text encoder."""
+
+    unet: dict[str, Tensor]
+    vae: dict[str, Tensor]
+    text: dict[str, Tensor]
+    text_format: str | None
 
 
-# -- rule tables ---------------------------------------------------------------------------------------
-
-def unet_rules(config: Mapping) -> list[Rule]:
-    """Rules for the UNet; LDM numbers all down/up sub-blocks in one flat list each."""
-    layers = int(config["layers_per_block"])
-    down_types = list(config["down_block_types"])
-    up_types = list(config["up_block_types"])
-    rules = [Rule("time_embed.0", "time_embedding.linear_1"), Rule("time_embed.2", "time_embedding.linear_2"),
-             Rule("input_blocks.0.0", "conv_in"), Rule("out.0", "conv_norm_out"), Rule("out.2", "conv_out"),
-             Rule("middle_block.0", "mid_block.resnets.0", UNET_RESNET),
-             Rule("middle_block.1", "mid_block.attentions.0"),
-             Rule("middle_block.2", "mid_block.resnets.1", UNET_RESNET)]
-    index = 1
-    for block, kind in enumerate(down_types):
-        for layer in range(layers):
-            rules.append(Rule(f"input_blocks.{index}.0", f"down_blocks.{block}.resnets.{layer}", UNET_RESNET))
-            if kind.startswith("CrossAttn"):
-                rules.append(Rule(f"input_blocks.{index}.1", f"down_blocks.{block}.attentions.{layer}"))
-            index += 1
-        if block < len(down_types) - 1:
-            rules.append(Rule(f"input_blocks.{index}.0.op", f"down_blocks.{block}.downsamplers.0.conv"))
-            index += 1
-    index = 0
-    for block, kind in enumerate(up_types):
-        has_attention = kind.startswith("CrossAttn")
-        for layer in range(layers + 1):
-            rules.append(Rule(f"output_blocks.{index}.0", f"up_blocks.{block}.resnets.{layer}", UNET_RESNET))
-            if has_attention:
-                rules.append(Rule(f"output_blocks.{index}.1", f"up_blocks.{block}.attentions.{layer}"))
-            if layer == layers and block < len(up_types) - 1:
-                slot = 2 if has_attention else 1
-                rules.append(Rule(f"output_blocks.{index}.{slot}.conv", f"up_blocks.{block}.upsamplers.0.conv"))
-            index += 1
-    return rules
+def _strip(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
-def vae_rules(config: Mapping) -> list[Rule]:
-    """Rules for the VAE; LDM numbers decoder levels from the lowest resolution up, diffusers the reverse."""
-    levels = len(config["block_out_channels"])
-    layers = int(config["layers_per_block"])
-    rules = [Rule("quant_conv", "quant_conv"), Rule("post_quant_conv", "post_quant_conv")]
-    for part in ("encoder", "decoder"):
-        rules += [Rule(f"{part}.conv_in", f"{part}.conv_in"), Rule(f"{part}.conv_out", f"{part}.conv_out"),
-                  Rule(f"{part}.norm_out", f"{part}.conv_norm_out"),
-                  Rule(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", VAE_RESNET),
-                  Rule(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", VAE_RESNET),
-                  Rule(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", VAE_ATTENTION, conv_to_linear=True)]
-    for level in range(levels):
-        for layer in range(layers):
-            rules.append(Rule(f"encoder.down.{level}.block.{layer}", f"encoder.down_blocks.{level}.resnets.{layer}",
-                              VAE_RESNET))
-        if level < levels - 1:
-            rules.append(Rule(f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv"))
-        up = levels - 1 - level
-        for layer in range(layers + 1):
-            rules.append(Rule(f"decoder.up.{level}.block.{layer}", f"decoder.up_blocks.{up}.resnets.{layer}", VAE_RESNET))
-        if level > 0:
-            rules.append(Rule(f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
-    return rules
-
-
-# -- applying rules ----------------------------------------------------------------------------------
-
-def _convert(state: Mapping[str, torch.Tensor], rules: list[Rule], to_diffusers: bool, what: str) -> dict:
-    source_of = (lambda r: r.ldm) if to_diffusers else (lambda r: r.diffusers)
-    target_of = (lambda r: r.diffusers) if to_diffusers else (lambda r: r.ldm)
-    by_prefix = sorted(rules, key=lambda r: -len(source_of(r)))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        rule = next((r for r in by_prefix if key.startswith(source_of(r) + ".")), None)
-        if rule is None:
-            raise ConversionError(f"unexpected {what} key {key!r}: not an SD-2.x {what} in the expected layout")
-        rest = key[len(source_of(rule)) + 1 :]
-        inner = rule.inner if to_diffusers else {v: k for k, v in rule.inner.items()}
-        for old in sorted(inner, key=len, reverse=True):
-            if rest.startswith(old + "."):
-                rest = inner[old] + rest[len(old) :]
-                break
-        if rule.conv_to_linear and rest.endswith(".weight") and not rest.startswith(("norm", "group_norm")):
-            value = value.reshape(value.shape[0], value.shape[1]) if to_diffusers else value.reshape(*value.shape, 1, 1)
-        out[f"{target_of(rule)}.{rest}"] = value
-    return out
-
-
-def convert_ldm_unet(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """LDM UNet keys (no `model.diffusion_model.` prefix) -> diffusers UNet2DConditionModel keys."""
-    return _convert(state, unet_rules(config), True, "UNet")
-
-
-def diffusers_to_ldm_unet(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    return _convert(state, unet_rules(config), False, "UNet")
-
-
-def convert_ldm_vae(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """LDM VAE keys (no `first_stage_model.` prefix) -> diffusers AutoencoderKL keys."""
-    return _convert(state, vae_rules(config), True, "VAE")
-
-
-def diffusers_to_ldm_vae(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    return _convert(state, vae_rules(config), False, "VAE")
-
-
-# -- text encoder ------------------------------------------------------------------------------------
-
-_OPEN_CLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
-_CLIP_LAYER_INNER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_CLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-             "positional_embedding": "text_model.embeddings.position_embedding.weight",
-             "ln_final.weight": "text_model.final_layer_norm.weight",
-             "ln_final.bias": "text_model.final_layer_norm.bias"}
-_OPEN_CLIP_IGNORED = ("text_projection", "logit_scale", "attn_mask")
-
-
-def convert_open_clip_text(state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """OpenCLIP text tower (no `cond_stage_model.model.` prefix) -> transformers CLIPTextModel keys.
-
-    SD-2 conditions on the penultimate layer, so only the first `num_hidden_layers` (23 of 24)
-    resblocks are kept; the final layer norm is applied on top by CLIPTextModel.
-    """
-    keep = int(config["num_hidden_layers"])
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key in _CLIP_TOP:
-            out[_CLIP_TOP[key]] = value
-            continue
-        match = _OPEN_CLIP_LAYER.match(key)
-        if match is None:
-            if key.startswith(_OPEN_CLIP_IGNORED) or key.startswith("visual."):
-                continue
-            raise ConversionError(f"unexpected OpenCLIP text key {key!r}")
-        layer, rest = int(match[1]), match[2]
-        if layer >= keep:
-            continue
-        target = f"text_model.encoder.layers.{layer}"
-        if rest.startswith("attn.in_proj_"):
-            kind = rest.rsplit("_", 1)[1]  # weight | bias
-            for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
-                out[f"{target}.self_attn.{name}.{kind}"] = chunk.contiguous()
-            continue
-        for old, new in _CLIP_LAYER_INNER.items():
-            if rest.startswith(old + "."):
-                rest = new + rest[len(old) :]
-                break
-        else:
-            raise ConversionError(f"unexpected OpenCLIP text key {key!r}")
-        out[f"{target}.{rest}"] = value
-    return out
-
-
-def canonical_clip_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers >= 5 drops the `text_model.` level of CLIPTextModel's keys; files keep it.
-    Put it back so conversions see one layout whatever transformers version made the dict."""
-    roots = ("embeddings.", "encoder.", "final_layer_norm.")
-    return {("text_model." + k if k.startswith(roots) else k): v for k, v in state.items()}
-
-
-def clip_keys_for(module_keys: set[str], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical `text_model.*` keys -> the layout of the installed CLIPTextModel."""
-    if any(k.startswith("text_model.") for k in module_keys):
-        return dict(state)
-    return {k.removeprefix("text_model."): v for k, v in state.items()}
-
-
-def hf_clip_to_open_clip_text(state: Mapping[str, torch.Tensor], config: Mapping,
-                              extra_layer: bool = True) -> dict[str, torch.Tensor]:
-    """Inverse of convert_open_clip_text. With `extra_layer`, appends one more resblock (a copy of the
-    last) so the result has num_hidden_layers + 1 blocks like the real 24-block OpenCLIP tower."""
-    state = canonical_clip_keys(state)
-    top = {v: k for k, v in _CLIP_TOP.items()}
-    inner = {v: k for k, v in _CLIP_LAYER_INNER.items()}
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    layer_key = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
-    for key, value in state.items():
-        if key in top:
-            out[top[key]] = value
-            continue
-        match = layer_key.match(key)
-        if match is None:
-            continue  # position_ids and the like
-        layer, rest = int(match[1]), match[2]
-        proj = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
-        if proj:
-            qkv.setdefault((layer, proj[2]), {})[proj[1]] = value
-            continue
-        for new, old in inner.items():
-            if rest.startswith(new + "."):
-                rest = old + rest[len(new) :]
-                break
-        out[f"transformer.resblocks.{layer}.{rest}"] = value
-    for (layer, kind), parts in qkv.items():
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    if extra_layer:
-        last = int(config["num_hidden_layers"]) - 1
-        prefix = f"transformer.resblocks.{last}."
-        for key in [k for k in out if k.startswith(prefix)]:
-            out[f"transformer.resblocks.{last + 1}." + key[len(prefix) :]] = out[key].clone()
-    return out
-
-
-def convert_hf_clip_text(state: Mapping[str, torch.Tensor], config: Mapping, prefix: str = "") -> dict:
-    """A transformers-layout CLIP text dict under `prefix` (ComfyUI stores SD-2's as
-    `clip_h.transformer.`) -> CLIPTextModel keys, keeping the first num_hidden_layers layers."""
-    keep = int(config["num_hidden_layers"])
-    layer_key = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.")
-    out: dict[str, torch.Tensor] = {}
-    stripped = canonical_clip_keys({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    for key, value in stripped.items():
-        if not key.startswith("text_model.") or key.endswith("position_ids"):
-            continue
-        match = layer_key.match(key)
-        if match and int(match[1]) >= keep:
-            continue
-        out[key] = value
-    if not out:
-        raise ConversionError(f"no CLIP text-model weights under the prefix {prefix!r}")
-    return out
-
-
-# -- whole checkpoints ---------------------------------------------------------------------------------
-
-def split_single_file(state: Mapping[str, torch.Tensor]) -> SingleFileParts:
-    """Split a single-file checkpoint into its UNet, VAE and text-encoder dicts (prefixes removed)."""
-    def take(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-    text = take(OPEN_CLIP_PREFIX)
-    text_format = "open_clip"
-    if not text:
-        text, text_format = take(HF_CLIP_PREFIX), "hf"
-    unet = take(UNET_PREFIX)
+def split_single_file(state: Mapping[str, Tensor]) -> SingleFileParts:
+    """Split a whole LDM checkpoint into UNet / VAE / text dicts. EMA copies (`model_ema.`) and
+    anything else are left out."""
+    unet = _strip(state, UNET_PREFIX)
     if not unet:
-        raise ConversionError("no UNet weights (model.diffusion_model.*) in the checkpoint")
-    return SingleFileParts(unet=unet, vae=take(VAE_PREFIX), text=text, text_format=text_format)
+        raise ConversionError(f"no UNet weights ({UNET_PREFIX}*) in the checkpoint")
+    open_clip = _strip(state, OPEN_CLIP_PREFIX)
+    hf = _strip(state, HF_CLIP_PREFIX)
+    text, text_format = (open_clip, "open_clip") if open_clip else (hf, "hf") if hf else ({}, None)
+    return SingleFileParts(unet=unet, vae=_strip(state, VAE_PREFIX), text=text, text_format=text_format)
 
 
-def assemble_single_file(unet: Mapping, vae: Mapping, text: Mapping) -> dict[str, torch.Tensor]:
-    """LDM UNet + VAE + OpenCLIP text dicts -> one single-file state dict."""
-    return {**{UNET_PREFIX + k: v for k, v in unet.items()}, **{VAE_PREFIX + k: v for k, v in vae.items()},
-            **{OPEN_CLIP_PREFIX + k: v for k, v in text.items()}}
+def assemble_single_file(
+    unet: Mapping[str, Tensor], vae: Mapping[str, Tensor], text: Mapping[str, Tensor], text_format: str = "open_clip"
+) -> dict[str, Tensor]:
+    """LDM-layout parts -> one single-file state dict with the standard prefixes (the inverse of
+    `split_single_file`)."""
+    text_prefix = {"open_clip": OPEN_CLIP_PREFIX, "hf": HF_CLIP_PREFIX}[text_format]
+    out = {UNET_PREFIX + k: v for k, v in unet.items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae.items()})
+    out.update({text_prefix + k: v for k, v in text.items()})
+    return out
 
 
-def detect_base(state: Mapping[str, torch.Tensor]) -> str:
-    """'sd2', 'sd1', 'sdxl' or 'unknown', from the cross-attention width of the UNet."""
-    if any(k.startswith("conditioner.embedders.") for k in state) or UNET_PREFIX + "label_emb.0.0.weight" in state:
+def detect_base(state: Mapping[str, Tensor]) -> str:
+    """'sd2', 'sd1', 'sdxl' or 'unknown', from the UNet's cross-attention width (1024 / 768 /
+    2048) and the text-encoder prefixes, so a wrong base fails with a clear message instead of
+    a shape error deep in loading. Accepts a full checkpoint or a bare LDM UNet dict. Another
+    width counts as SD-2 only when an OpenCLIP text tower of that width conditions it (the tiny
+    test models). (SD-2 512-base and 768-v cannot be told apart from the weights.)"""
+    keys = list(state)
+    if any(k.startswith("conditioner.embedders.") or k.removeprefix(UNET_PREFIX).startswith("label_emb.")
+           for k in keys):
         return "sdxl"
-    for key, value in state.items():
-        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
-            width = int(value.shape[1])
-            if width == 2048:
-                return "sdxl"
-            if width == 768:
-                return "sd1"
-            if OPEN_CLIP_PREFIX + "token_embedding.weight" in state or width == 1024:
-                return "sd2"
-            return "unknown"
-    return "unknown"
+    width = None
+    for key in keys:
+        body = key.removeprefix(UNET_PREFIX)
+        if body.startswith(("input_blocks.", "middle_block.", "output_blocks.")) and body.endswith(
+            ".attn2.to_k.weight"
+        ):
+            width = int(state[key].shape[1])
+            break
+    open_clip = state.get(OPEN_CLIP_PREFIX + "token_embedding.weight")
+    if width is None:
+        if open_clip is not None:
+            return "sd2"
+        return "sd1" if any(k.startswith(HF_CLIP_PREFIX) for k in keys) else "unknown"
+    known = {1024: "sd2", 768: "sd1", 2048: "sdxl"}
+    if width in known:
+        return known[width]
+    return "sd2" if open_clip is not None and open_clip.shape[1] == width else "unknown"
