@@ -42,8 +42,19 @@ OSEDIFF = MethodSpec(
     official_dtype="fp16",
 )
 
-METHODS: dict[str, MethodSpec] = {OSEDIFF.name: OSEDIFF}
-SUPPORTED_SOON = {"s3diff": "S3Diff", "hero_sr": "Hero-SR"}
+HERO_SR = MethodSpec(
+    name="hero_sr",
+    display_name="Hero-SR",
+    base_kind="sd_turbo",
+    timestep=999,  # used only when no timestep is given and the DTSM is bypassed
+    prompt=" ",
+    enlarge_filter="pil_lanczos",
+    color_fix="adain",
+    official_dtype="fp32",
+)
+
+METHODS: dict[str, MethodSpec] = {OSEDIFF.name: OSEDIFF, HERO_SR.name: HERO_SR}
+SUPPORTED_SOON = {"s3diff": "S3Diff"}
 
 
 def get_method(name: str) -> MethodSpec:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..models.base_models import BaseModels
+from ..models.hero_weights import apply_hero_sr, parse_hero_sr
 from ..models.lora import merge_adapters, replace_parameters
 from ..models.method_weights import detect_method, parse_osediff
 from ..models.schedule import alphas_cumprod
@@ -50,8 +51,20 @@ class OneStepModel:
         """Move every module; the text encoder always runs in fp32 (once per prompt, cached), so a
         prompt gives the same embedding whatever precision the base file or host stored it in."""
         for name, module in self.modules().items():
-            module.to(device=device, dtype=torch.float32 if name == "text_encoder" else dtype)
+            module.to(device=device, dtype=dtype if name in ("unet", "vae") else torch.float32)
         return self
+
+    def predict_timesteps(self, upscaled: torch.Tensor, mode: str = "sample", seed: int | None = 0,
+                          fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hero-SR's DTSM on the upscaled batch in [0, 1]: per-image t and the 101 logits."""
+        from ..models.dtsm import predict_timesteps
+
+        if self.dtsm is None:
+            raise ValueError(
+                f"{self.method.display_name} weights have no time-step module (DTSM); "
+                "load Hero-SR weights (hero_sr_model.pkl) to choose timesteps per image"
+            )
+        return predict_timesteps(self.dtsm, upscaled * 2 - 1, mode=mode, seed=seed, fixed=fixed)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
@@ -81,9 +94,12 @@ def apply_method_weights(base: BaseModels, data: dict, method_name: str, filenam
         replace_parameters(base.unet, weights.unet_trained)
         merge_adapters(base.unet, weights.unet_adapters, what="UNet")
         merge_adapters(base.vae, weights.vae_adapters, what="VAE")
+    extras: dict[str, nn.Module] = {}
+    if method.name == "hero_sr":
+        extras["dtsm"] = apply_hero_sr(base.unet, base.vae, parse_hero_sr(data, filename))
     return OneStepModel(
         method=method, unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        weights_name=filename,
+        weights_name=filename, **extras,
     )
 
 
