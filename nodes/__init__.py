@@ -6,16 +6,19 @@ widget values by position).
 
 from .comfy_adapter import register_if_hosted
 from .loader_node import OneStepSRLoader
+from .timestep_node import OneStepSRTimestep
 from .upscale_node import OneStepSRUpscale
 
 NODE_CLASS_MAPPINGS = {
     "OneStepSR_Loader": OneStepSRLoader,
     "OneStepSR_Upscale": OneStepSRUpscale,
+    "OneStepSR_DTSMTimestep": OneStepSRTimestep,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "OneStepSR_Loader": "Load OneStep SR",
     "OneStepSR_Upscale": "OneStep Upscale",
+    "OneStepSR_DTSMTimestep": "DTSM Timestep",
 }
 
 register_if_hosted()

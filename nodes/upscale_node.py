@@ -30,7 +30,8 @@ class OneStepSRUpscale:
                 "prompt": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "Text describing the content. OSEDiff was trained with tag lists "
-                               "('tag1, tag2, ...'); a generation prompt works too. Empty is fine."}),
+                               "('tag1, tag2, ...'; see CLIP Prompt Extract); a generation prompt works too. "
+                               "Empty: the method's default prompt."}),
                 "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5,
                                     "tooltip": "Upscale factor. The methods were trained at x4."}),
                 "color_fix": ([METHOD_DEFAULT, *COLOR_FIX_METHODS], {
@@ -51,16 +52,37 @@ class OneStepSRUpscale:
                     "tooltip": "mean: deterministic VAE latent. sample: draw it with the seed, as the "
                                "official code does (slightly different each seed)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seed for latent sampling (used when latent = sample)."}),
+                                 "tooltip": "Seed for latent sampling (latent = sample) and for Hero-SR's own "
+                                            "timestep choice when no timestep is connected."}),
+            },
+            "optional": {  # appended over releases: never reorder (saved workflows store widgets by position)
+                "negative_prompt": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Negative prompt for classifier-free guidance. Empty: the method's own "
+                               "(S3Diff's published negative prompt)."}),
+                "guidance": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 20.0, "step": 0.01,
+                    "tooltip": "Classifier-free guidance scale. 0: the method's default (S3Diff 1.07, others "
+                               "1.0). 1.0 runs no negative pass (half the UNet cost)."}),
+                "timestep": ("SR_TIMESTEP", {
+                    "tooltip": "Per-image timesteps from DTSM Timestep (Hero-SR). Unconnected: Hero-SR picks t "
+                               "itself (seeded sample); other methods use their fixed t (999)."}),
+                "degradation": ("SR_DEGRADATION", {
+                    "tooltip": "Blur/noise scores from Degradation Estimator (S3Diff). Unconnected: estimated "
+                               "automatically."}),
             },
         }
 
     def upscale(self, onestep_model, image, prompt, scale, color_fix, latent_tile, latent_overlap,
-                vae_encoder_tile, vae_decoder_tile, latent, seed):
+                vae_encoder_tile, vae_decoder_tile, latent, seed, negative_prompt="", guidance=0.0,
+                timestep=None, degradation=None):
         settings = UpscaleSettings(
             scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
             latent_tile=latent_tile, latent_overlap=latent_overlap, vae_encoder_tile=vae_encoder_tile,
             vae_decoder_tile=vae_decoder_tile, seed=seed if latent == "sample" else None,
+            negative_prompt=negative_prompt or None, guidance=guidance or None,
+            timesteps=None if timestep is None else timestep["timesteps"],
+            degradation=degradation, timestep_seed=seed,
         )
         pipeline = onestep_model.pipeline()
         hooks = RunHooks(progress=comfy.progress_bar(1), check_interrupt=comfy.check_interrupt)

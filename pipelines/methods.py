@@ -53,8 +53,24 @@ HERO_SR = MethodSpec(
     official_dtype="fp32",
 )
 
-METHODS: dict[str, MethodSpec] = {OSEDIFF.name: OSEDIFF, HERO_SR.name: HERO_SR}
-SUPPORTED_SOON = {"s3diff": "S3Diff"}
+S3DIFF = MethodSpec(
+    name="s3diff",
+    display_name="S3Diff",
+    base_kind="sd_turbo",
+    timestep=999,
+    prompt="A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting.",
+    negative_prompt="oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, oversmooth",
+    guidance=1.07,
+    process_size=0,  # no enlargement of small inputs
+    upscale_filter="bilinear",  # torch bilinear, align_corners=False, no antialias
+    snap=1,
+    pad_multiple=64,  # reflect-padded bottom/right, cropped back after decoding
+    color_fix="wavelet",
+    official_dtype="fp32",
+)
+
+METHODS: dict[str, MethodSpec] = {OSEDIFF.name: OSEDIFF, S3DIFF.name: S3DIFF, HERO_SR.name: HERO_SR}
+SUPPORTED_SOON: dict[str, str] = {}
 
 
 def get_method(name: str) -> MethodSpec:

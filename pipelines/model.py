@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,13 @@ from ..models.base_models import BaseModels
 from ..models.hero_weights import apply_hero_sr, parse_hero_sr
 from ..models.lora import merge_adapters, replace_parameters
 from ..models.method_weights import detect_method, parse_osediff
+from ..models.modulated_lora import set_modulation
+from ..models.s3diff_weights import apply_s3diff, parse_s3diff
 from ..models.schedule import alphas_cumprod
 from ..models.weights_io import WeightsFileError, read_weights_file
 from .methods import MethodSpec, get_method
+
+log = logging.getLogger("onestep_sr")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,6 +59,26 @@ class OneStepModel:
             module.to(device=device, dtype=dtype if name in ("unet", "vae") else torch.float32)
         return self
 
+    def estimate_degradation(self, images: torch.Tensor) -> torch.Tensor:
+        """S3Diff's de_net on images (B, 3, H, W) in [0, 1] at input size: (B, 2) = (blur, noise)."""
+        from ..models.degradation_estimator import estimate
+
+        if self.degradation_estimator is None:
+            raise ValueError(
+                f"{self.method.display_name} has no degradation estimator; it belongs to S3Diff (s3diff.pkl + de_net.pth)"
+            )
+        return estimate(self.degradation_estimator, images)
+
+    def modulation(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (UNet, VAE) LoRA modulation matrices from (B, 2) degradation scores."""
+        return self.modulator(scores.float())
+
+    def set_unet_modulation(self, matrices: torch.Tensor) -> None:
+        set_modulation(self.unet, matrices)
+
+    def set_vae_modulation(self, matrices: torch.Tensor) -> None:
+        set_modulation(self.vae, matrices)
+
     def predict_timesteps(self, upscaled: torch.Tensor, mode: str = "sample", seed: int | None = 0,
                           fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hero-SR's DTSM on the upscaled batch in [0, 1]: per-image t and the 101 logits."""
@@ -86,15 +111,27 @@ class OneStepModel:
         return embeds.to(device)
 
 
-def apply_method_weights(base: BaseModels, data: dict, method_name: str, filename: str) -> OneStepModel:
+def apply_method_weights(base: BaseModels, data: dict, method_name: str, filename: str,
+                         de_net_path: str | Path | None = None) -> OneStepModel:
     """Apply a method's weights to the base modules (which become the model's own)."""
     method = get_method(method_name)
+    if method.base_kind == "sd_turbo" and base.source and "turbo" not in Path(base.source).name.lower():
+        log.warning(
+            "%s was trained on SD-Turbo; the base %s does not look like SD-Turbo. It has the same architecture "
+            "and will run, but results may be worse.", method.display_name, Path(base.source).name or base.source)
     if method.name == "osediff":
         weights = parse_osediff(data, filename)
         replace_parameters(base.unet, weights.unet_trained)
         merge_adapters(base.unet, weights.unet_adapters, what="UNet")
         merge_adapters(base.vae, weights.vae_adapters, what="VAE")
     extras: dict[str, nn.Module] = {}
+    if method.name == "s3diff":
+        if de_net_path is None:
+            raise WeightsFileError("S3Diff needs its degradation estimator de_net.pth as well as s3diff.pkl")
+        from ..models.degradation_estimator import load_degradation_estimator
+
+        extras["degradation_estimator"] = load_degradation_estimator(de_net_path)
+        extras["modulator"] = apply_s3diff(base.unet, base.vae, parse_s3diff(data, filename))
     if method.name == "hero_sr":
         extras["dtsm"] = apply_hero_sr(base.unet, base.vae, parse_hero_sr(data, filename))
     return OneStepModel(
@@ -103,11 +140,17 @@ def apply_method_weights(base: BaseModels, data: dict, method_name: str, filenam
     )
 
 
-def load_onestep_model(base: BaseModels, weights_path: str | Path, method: str = "auto") -> OneStepModel:
-    """Read a method weights file, check it is the method asked for, and apply it to `base`."""
+def load_onestep_model(base: BaseModels, weights_path: str | Path, method: str = "auto",
+                       de_net_path: str | Path | None = None) -> OneStepModel:
+    """Read a method weights file, check it is the method asked for, and apply it to `base`.
+
+    S3Diff also needs de_net.pth: by default the one beside the weights file.
+    """
     path = Path(weights_path)
     data = read_weights_file(path)
     found = detect_method(data, path.name)
     if method not in ("auto", found):
         raise WeightsFileError(f"{path.name} holds {found} weights, but method {method!r} was asked for")
-    return apply_method_weights(base, data, found, path.name)
+    if found == "s3diff" and de_net_path is None:
+        de_net_path = path.parent / "de_net.pth"
+    return apply_method_weights(base, data, found, path.name, de_net_path)

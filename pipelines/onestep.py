@@ -149,6 +149,23 @@ class OneStepPipeline:
             raise ValueError(f"a {width}x{height} input is too small to process at x{settings.scale:g}")
         return plan
 
+    # -- per-image conditions on their own (the DTSM Timestep / Degradation Estimator nodes) ---------
+    @torch.no_grad()
+    def predict_timesteps(self, images: torch.Tensor, scale: float = 4.0, mode: str = "sample", seed: int = 0,
+                          fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hero-SR's DTSM on a batch (B, H, W, C): it sees the same upscaled image the UNet will."""
+        settings = self.resolve(UpscaleSettings(scale=scale))
+        rgb = split_channels(images.permute(0, 3, 1, 2).float()).rgb
+        upscaled = apply_resize_plan(rgb.to(self.device), self.plan(images.shape[1], images.shape[2], settings))
+        timesteps, logits = self.model.predict_timesteps(upscaled, mode=mode, seed=seed, fixed=fixed)
+        return timesteps.cpu(), logits.cpu()
+
+    @torch.no_grad()
+    def estimate_degradation(self, images: torch.Tensor) -> torch.Tensor:
+        """S3Diff's degradation scores (B, 2) = (blur, noise) of a batch (B, H, W, C), at input size."""
+        rgb = split_channels(images.permute(0, 3, 1, 2).float()).rgb
+        return self.model.estimate_degradation(rgb.to(self.device)).cpu()
+
     # -- the run ----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -190,7 +207,10 @@ class OneStepPipeline:
             timesteps, _ = model.predict_timesteps(upscaled, mode="sample", seed=settings.timestep_seed)
         if timesteps is None:
             timesteps = model.method.timestep
-        timesteps = torch.as_tensor(timesteps, device=self.device).long().reshape(-1).expand(batch).clone()
+        timesteps = torch.as_tensor(timesteps, device=self.device).long().reshape(-1)
+        if timesteps.numel() not in (1, batch):
+            raise ValueError(f"got {timesteps.numel()} timesteps for a batch of {batch} images")
+        timesteps = timesteps.expand(batch).clone()
         if int(timesteps.min()) < 0 or int(timesteps.max()) > 999:
             raise ValueError(f"timesteps must lie in [0, 999], got {timesteps.tolist()}")
         modulation = None
