@@ -7,8 +7,10 @@ the same image.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--base", required=True, help="SD-2.x base: a diffusers folder or a single-file .safetensors")
     up.add_argument("--weights", required=True, help="method weights (osediff.pkl or its .safetensors export)")
     up.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (needed for a single-file base)")
-    up.add_argument("--method", default="auto", choices=["auto", "osediff"], help="default: read from the weights")
+    up.add_argument("--method", default="auto", choices=["auto", "osediff", "s3diff", "hero_sr"],
+                    help="default: read from the weights")
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
     up.add_argument("--prompt", default=None, help="text prompt (OSEDiff was trained with 'tag1, tag2, ...')")
     up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
@@ -63,6 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact: scale x input (default); native: the size the model worked at (as the official code saves)")
     up.add_argument("--max-pixels", type=int, default=8192 * 8192, help="refuse outputs larger than this")
     up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
+    up.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: the method's)")
+    up.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale (default: the method's; S3Diff 1.07). 1 skips the negative pass")
+    up.add_argument("--degradation", default="auto",
+                    help="S3Diff: 'auto' (estimate) or BLUR,NOISE in [0, 1], e.g. 0.3,0.2")
+    up.add_argument("--de-net", default=None, help="S3Diff's de_net.pth (default: beside the weights file)")
+    up.add_argument("--timestep", default="auto",
+                    help="'auto' (Hero-SR: DTSM sample, seeded; others: the method's t), 'argmax', or N in 0..999")
+    up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
+
+    est = commands.add_parser("estimate", help="print S3Diff's degradation scores (blur, noise) of images")
+    est.add_argument("inputs", nargs="+", metavar="INPUT")
+    est.add_argument("--weights", required=True, help="s3diff.pkl (de_net.pth is looked up beside it)")
+    est.add_argument("--de-net", default=None, help="de_net.pth (default: beside the weights file)")
+    est.add_argument("--json", action="store_true", help="machine-readable output")
+    est.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+
+    ts = commands.add_parser("timestep", help="print the timestep Hero-SR's DTSM picks for each image")
+    ts.add_argument("inputs", nargs="+", metavar="INPUT")
+    ts.add_argument("--base", required=True, help="SD-Turbo base (as for upscale)")
+    ts.add_argument("--weights", required=True, help="hero_sr_model.pkl")
+    ts.add_argument("--mode", choices=["sample", "argmax"], default="sample")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--scale", type=float, default=4.0)
+    ts.add_argument("--json", action="store_true", help="machine-readable output, with the 101 DTSM logits")
+    ts.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
 
     conv = commands.add_parser("convert", help="convert a published .pkl to a safetensors export (or back)")
     conv.add_argument("source", help="osediff.pkl (or an export .safetensors)")
@@ -90,13 +119,17 @@ def run_upscale(args: argparse.Namespace) -> int:
     inputs = collect_inputs(args.inputs)
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
-    model = load_onestep_model(load_base(args.base, args.tokenizer), args.weights, args.method).to(device, dtype)
+    model = load_onestep_model(load_base(args.base, args.tokenizer), args.weights, args.method,
+                               de_net_path=args.de_net).to(device, dtype)
     pipeline = OneStepPipeline(model, device)
+    timestep_mode, fixed_timestep = _parse_timestep(args.timestep)
+    degradation = _parse_degradation(args.degradation)
     settings = UpscaleSettings(
         scale=args.scale, prompt=args.prompt, color_fix=args.color_fix, latent_tile=args.latent_tile,
         latent_overlap=args.latent_overlap, vae_encoder_tile=args.vae_encoder_tile,
         vae_decoder_tile=args.vae_decoder_tile, tile_batch=args.tile_batch, seed=args.seed,
-        output_size=args.output_size, max_output_pixels=args.max_pixels,
+        output_size=args.output_size, max_output_pixels=args.max_pixels, negative_prompt=args.negative_prompt,
+        guidance=args.guidance, degradation=degradation, timesteps=fixed_timestep, timestep_seed=args.timestep_seed,
     )
     output = Path(args.output)
     with tqdm(total=len(inputs), unit="img", desc="upscaling") as bar:
@@ -108,12 +141,84 @@ def run_upscale(args: argparse.Namespace) -> int:
                 tiles.n = done
                 tiles.refresh()
 
-            result = pipeline(load_image(source).unsqueeze(0), settings, RunHooks(progress=progress, warn=tqdm.write))
+            image = load_image(source).unsqueeze(0)
+            run_settings = settings
+            if timestep_mode == "argmax":
+                chosen, _ = pipeline.predict_timesteps(image, scale=args.scale, mode="argmax")
+                run_settings = replace(settings, timesteps=chosen)
+            result = pipeline(image, run_settings, RunHooks(progress=progress, warn=tqdm.write))
             tiles.close()
             target = _output_path(source, output, len(inputs) == 1, args.suffix)
             save_image(result[0], target)
             bar.write(f"{source} -> {target} ({result.shape[2]}x{result.shape[1]})")
             bar.update(1)
+    return 0
+
+
+def _parse_timestep(text: str) -> tuple[str, int | None]:
+    if text in ("auto", "argmax"):
+        return text, None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--timestep must be auto, argmax or an integer in 0..999, got {text!r}") from None
+    if not 0 <= value <= 999:
+        raise ValueError(f"--timestep must lie in 0..999, got {value}")
+    return "fixed", value
+
+
+def _parse_degradation(text: str) -> torch.Tensor | None:
+    if text == "auto":
+        return None
+    try:
+        blur, noise = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--degradation must be auto or BLUR,NOISE (e.g. 0.3,0.2), got {text!r}") from None
+    from .pipelines.onestep import check_degradation
+
+    return check_degradation(torch.tensor([[blur, noise]]), 1)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from .models.degradation_estimator import estimate, load_degradation_estimator
+    from .pipelines.channels import split_channels
+    from .pipelines.image_io import collect_inputs, load_image
+
+    device = _pick_device(args.device)
+    de_net = Path(args.de_net) if args.de_net else Path(args.weights).parent / "de_net.pth"
+    module = load_degradation_estimator(de_net).to(device)
+    rows = []
+    for source in collect_inputs(args.inputs):
+        rgb = split_channels(load_image(source).permute(2, 0, 1)[None]).rgb
+        scores = estimate(module, rgb.to(device))[0].tolist()
+        rows.append({"file": str(source), "blur": scores[0], "noise": scores[1]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['file']}: blur {row['blur']:.4f}  noise {row['noise']:.4f}")
+    return 0
+
+
+def run_timestep(args: argparse.Namespace) -> int:
+    from .models.base_models import load_base
+    from .pipelines.image_io import collect_inputs, load_image
+    from .pipelines.model import load_onestep_model
+    from .pipelines.onestep import OneStepPipeline
+
+    device = _pick_device(args.device)
+    model = load_onestep_model(load_base(args.base), args.weights).to(device, torch.float32)
+    pipeline = OneStepPipeline(model, device)
+    rows = []
+    for source in collect_inputs(args.inputs):
+        t, logits = pipeline.predict_timesteps(load_image(source).unsqueeze(0), scale=args.scale, mode=args.mode,
+                                               seed=args.seed)
+        rows.append({"file": str(source), "timestep": int(t[0]), "logits": logits[0].tolist()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['file']}: t = {row['timestep']}")
     return 0
 
 
@@ -144,7 +249,8 @@ def run_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    handlers = {"upscale": run_upscale, "convert": run_convert, "info": run_info}
+    handlers = {"upscale": run_upscale, "convert": run_convert, "info": run_info, "estimate": run_estimate,
+                "timestep": run_timestep}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError) as error:

@@ -33,6 +33,11 @@ def detect_method(data: Mapping[str, Any], filename: str = "weights") -> str:
         return "s3diff"
     if "unet_lora_encoder_modules" in data and "state_dict_unet" in data:
         return "osediff"
+    if any(str(key).startswith(("conv_first.", "fc_degree.")) for key in data):
+        raise WeightsFileError(
+            f"{filename} is S3Diff's degradation estimator (de_net.pth): choose s3diff.pkl as the weights and "
+            "keep de_net.pth in the same folder"
+        )
     if any(str(key).startswith(("model.diffusion_model.", "first_stage_model.")) for key in data):
         raise WeightsFileError(
             f"{filename} is a Stable Diffusion base checkpoint, not method weights: use it as the base "

@@ -5,6 +5,7 @@ widget values by position).
 """
 
 from .comfy_adapter import register_if_hosted
+from .degradation_node import OneStepSRDegradationEstimator
 from .loader_node import OneStepSRLoader
 from .timestep_node import OneStepSRTimestep
 from .upscale_node import OneStepSRUpscale
@@ -13,12 +14,14 @@ NODE_CLASS_MAPPINGS = {
     "OneStepSR_Loader": OneStepSRLoader,
     "OneStepSR_Upscale": OneStepSRUpscale,
     "OneStepSR_DTSMTimestep": OneStepSRTimestep,
+    "OneStepSR_DegradationEstimator": OneStepSRDegradationEstimator,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "OneStepSR_Loader": "Load OneStep SR",
     "OneStepSR_Upscale": "OneStep Upscale",
     "OneStepSR_DTSMTimestep": "DTSM Timestep",
+    "OneStepSR_DegradationEstimator": "Degradation Estimator",
 }
 
 register_if_hosted()

@@ -70,6 +70,14 @@ def full_path(folder: str, name: str) -> Path:
     return Path(path)
 
 
+def find_file(folder: str, name: str) -> Path | None:
+    """A file's path in a model folder, or None."""
+    try:
+        return full_path(folder, name)
+    except FileNotFoundError:
+        return None
+
+
 def diffusers_folder(name: str) -> Path:
     for root in folder_locations("diffusers"):
         candidate = Path(root) / name

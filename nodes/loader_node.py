@@ -18,9 +18,10 @@ DIFFUSERS_PREFIX = "diffusers/"
 
 class OneStepSRLoader:
     DESCRIPTION = (
-        "Loads a one-step diffusion SR model: an SD-2.x base (SD-2.1-base for OSEDiff) plus the method's "
-        "weights from models/onestep_sr (e.g. osediff.pkl). The base comes from the MODEL/CLIP/VAE of a "
-        "Load Checkpoint node, or from a checkpoint file / diffusers folder chosen here."
+        "Loads a one-step diffusion SR model: an SD-2.x base (SD-2.1-base for OSEDiff, SD-Turbo for S3Diff and "
+        "Hero-SR) plus the method's weights from models/onestep_sr (osediff.pkl, s3diff.pkl + de_net.pth, "
+        "hero_sr_model.pkl). The base comes from the MODEL/CLIP/VAE of a Load Checkpoint node, or from a "
+        "checkpoint file / diffusers folder chosen here."
     )
     CATEGORY = "image/upscaling/OneStep SR"
     FUNCTION = "load"
@@ -36,8 +37,9 @@ class OneStepSRLoader:
         return {
             "required": {
                 "weights": (comfy.list_files(comfy.WEIGHTS_FOLDER), {
-                    "tooltip": "Method weights in models/onestep_sr: osediff.pkl or its .safetensors export "
-                               "(onestep-sr convert)."}),
+                    "tooltip": "Method weights in models/onestep_sr: osediff.pkl, s3diff.pkl (with de_net.pth "
+                               "in the same folder) or hero_sr_model.pkl, or their .safetensors exports "
+                               "(onestep-sr convert). The method is recognised from the file."}),
                 "base": (bases, {
                     "tooltip": "The SD-2.x base: a single-file checkpoint in models/checkpoints, a diffusers "
                                "folder in models/diffusers, or the MODEL/CLIP/VAE inputs of this node."}),
@@ -56,7 +58,9 @@ class OneStepSRLoader:
 
     def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None):
         base_models = self._load_base(base, model, clip, vae)
-        onestep = load_onestep_model(base_models, comfy.full_path(comfy.WEIGHTS_FOLDER, weights))
+        weights_path = comfy.full_path(comfy.WEIGHTS_FOLDER, weights)
+        de_net = comfy.find_file(comfy.WEIGHTS_FOLDER, "de_net.pth")  # S3Diff's estimator, if present
+        onestep = load_onestep_model(base_models, weights_path, de_net_path=de_net)
         device = comfy.torch_device()
         torch_dtype = comfy.default_dtype(device) if dtype == "auto" else DTYPES[dtype]
         onestep.to(comfy.offload_device(), torch_dtype)

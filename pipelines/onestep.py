@@ -20,6 +20,7 @@ from .channels import merge_channels, split_channels
 from .color_fix import color_fix
 from .geometry import ResizePlan, apply_resize_plan, crop_to, plan_resize, reflect_pad_to_multiple
 from .latent_tiling import latent_tile_grid, tiled_eps
+from .methods import MethodSpec
 from .model import OneStepModel
 from .resize import resize_image
 
@@ -130,33 +131,14 @@ class OneStepPipeline:
         )
 
     def plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
-        method = self.model.method
-        if settings.scale <= 0:
-            raise ValueError(f"scale must be positive, got {settings.scale}")
-        plan = plan_resize(
-            (height, width), settings.scale, min_short_side=int(method.process_size // settings.scale),
-            snap=method.snap, enlarge_filter=method.enlarge_filter, upscale_filter=method.upscale_filter,
-            snap_filter=method.snap_filter,
-        )
-        biggest = max(plan.model_hw[0] * plan.model_hw[1], plan.target_hw[0] * plan.target_hw[1])
-        if biggest > settings.max_output_pixels:
-            raise ImageTooLargeError(
-                f"a {width}x{height} input at x{settings.scale:g} needs a {plan.model_hw[1]}x{plan.model_hw[0]} "
-                f"working image, above the limit of {settings.max_output_pixels} pixels; lower the scale, "
-                "downscale the input, or raise the limit (max_output_pixels / --max-pixels)"
-            )
-        if min(plan.model_hw) < 8:
-            raise ValueError(f"a {width}x{height} input is too small to process at x{settings.scale:g}")
-        return plan
+        return plan_for_method(self.model.method, height, width, settings)
 
     # -- per-image conditions on their own (the DTSM Timestep / Degradation Estimator nodes) ---------
     @torch.no_grad()
     def predict_timesteps(self, images: torch.Tensor, scale: float = 4.0, mode: str = "sample", seed: int = 0,
                           fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hero-SR's DTSM on a batch (B, H, W, C): it sees the same upscaled image the UNet will."""
-        settings = self.resolve(UpscaleSettings(scale=scale))
-        rgb = split_channels(images.permute(0, 3, 1, 2).float()).rgb
-        upscaled = apply_resize_plan(rgb.to(self.device), self.plan(images.shape[1], images.shape[2], settings))
+        upscaled = upscale_input(self.model.method, images, scale, self.device)
         timesteps, logits = self.model.predict_timesteps(upscaled, mode=mode, seed=seed, fixed=fixed)
         return timesteps.cpu(), logits.cpu()
 
@@ -349,6 +331,34 @@ class OneStepPipeline:
         unet = max(1, len(latent_tile_grid(latent_h, latent_w, settings.latent_tile, settings.latent_overlap)))
         decode = len(tile_grid(latent_h, latent_w, settings.vae_decoder_tile, DECODER_PAD_LATENT)) or 1
         return _TileCounter({"encode": encode * batch, "unet": unet * batch, "decode": decode * batch}, hooks)
+
+
+def plan_for_method(method: MethodSpec, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
+    """The method's preprocessing geometry for one input size, with the pixel limit enforced."""
+    if settings.scale <= 0:
+        raise ValueError(f"scale must be positive, got {settings.scale}")
+    plan = plan_resize(
+        (height, width), settings.scale, min_short_side=int(method.process_size // settings.scale),
+        snap=method.snap, enlarge_filter=method.enlarge_filter, upscale_filter=method.upscale_filter,
+        snap_filter=method.snap_filter,
+    )
+    biggest = max(plan.model_hw[0] * plan.model_hw[1], plan.target_hw[0] * plan.target_hw[1])
+    if biggest > settings.max_output_pixels:
+        raise ImageTooLargeError(
+            f"a {width}x{height} input at x{settings.scale:g} needs a {plan.model_hw[1]}x{plan.model_hw[0]} "
+            f"working image, above the limit of {settings.max_output_pixels} pixels; lower the scale, "
+            "downscale the input, or raise the limit (max_output_pixels / --max-pixels)"
+        )
+    if min(plan.model_hw) < 8 and method.pad_multiple < 8:
+        raise ValueError(f"a {width}x{height} input is too small to process at x{settings.scale:g}")
+    return plan
+
+
+def upscale_input(method: MethodSpec, images: torch.Tensor, scale: float, device: torch.device) -> torch.Tensor:
+    """The method's upscaled RGB input (B, 3, h, w) in [0, 1] for a batch (B, H, W, C)."""
+    rgb = split_channels(images.permute(0, 3, 1, 2).float()).rgb
+    plan = plan_for_method(method, images.shape[1], images.shape[2], UpscaleSettings(scale=scale))
+    return apply_resize_plan(rgb.to(device), plan)
 
 
 def check_degradation(scores: torch.Tensor, batch: int) -> torch.Tensor:
