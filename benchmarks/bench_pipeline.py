@@ -5,6 +5,7 @@ measured in the same run. Each variant runs in its own process so peak memory is
 
     python benchmarks/bench_pipeline.py --size 512 --model sd21     # real SD-2 sizes, random weights
     python benchmarks/bench_pipeline.py --size 256 --model tiny     # quick smoke run
+    python benchmarks/bench_pipeline.py --suite cfg --method s3diff --size 512   # cost of the CFG pass
 """
 
 from __future__ import annotations
@@ -23,21 +24,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-VARIANTS = {
-    "untiled": dict(latent_tile=4096, vae_encoder_tile=16384, vae_decoder_tile=4096),
-    "tiled (defaults 96/1024/224)": dict(),
-    "tiled small (64/512/64)": dict(latent_tile=64, latent_overlap=16, vae_encoder_tile=512, vae_decoder_tile=64),
+UNTILED = dict(latent_tile=4096, vae_encoder_tile=16384, vae_decoder_tile=4096)
+SUITES = {
+    "tiling": {
+        "untiled": UNTILED,
+        "tiled (defaults 96/1024/224)": dict(),
+        "tiled small (64/512/64)": dict(latent_tile=64, latent_overlap=16, vae_encoder_tile=512, vae_decoder_tile=64),
+    },
+    "cfg": {  # S3Diff's second (negative) UNet pass, batched into the same call
+        "no CFG (guidance 1)": dict(UNTILED, guidance=1.0),
+        "CFG 1.07 (two passes)": dict(UNTILED, guidance=1.07),
+    },
 }
 
 
-def build_model(kind: str, dtype: torch.dtype, device: str):
-    """A OneStepModel with random base weights and a synthetic osediff.pkl (nothing downloaded)."""
+def build_model(kind: str, dtype: torch.dtype, device: str, method: str = "osediff"):
+    """A OneStepModel with random base weights and synthetic method weights (nothing downloaded)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from onestep_sr.models.base_models import BaseModels, load_config
     from onestep_sr.pipelines.model import apply_method_weights
 
+    import synthetic_s3diff
     import synthetic_weights
     import tinymodels
 
@@ -53,9 +62,13 @@ def build_model(kind: str, dtype: torch.dtype, device: str):
         from transformers import CLIPTokenizer
 
         base = tinymodels.TinyBase(unet, vae, text.eval(), CLIPTokenizer.from_pretrained(str(folder / "tok")))
+    bm = BaseModels(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+    if method == "s3diff":
+        data = synthetic_s3diff.make_s3diff_checkpoint(base).data
+        synthetic_s3diff.write_de_net(folder / "de_net.pth")
+        return apply_method_weights(bm, data, "s3diff", "synthetic.pkl", folder / "de_net.pth").to(device, dtype)
     unet, vae, lists = synthetic_weights.make_osediff_peft_models(base, rank=4)
     data = synthetic_weights.osediff_checkpoint_dict(unet, vae, lists, rank=4)
-    bm = BaseModels(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)
     return apply_method_weights(bm, data, "osediff", "synthetic.pkl").to(device, dtype)
 
 
@@ -63,11 +76,11 @@ def run_variant(args) -> dict:
     from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = build_model(args.model, dtype, args.device)
+    model = build_model(args.model, dtype, args.device, args.method)
     pipeline = OneStepPipeline(model, args.device)
     side = args.size // 4
     image = torch.rand(1, side, side, 3)
-    settings = UpscaleSettings(output_size="native", **VARIANTS[args.variant])
+    settings = UpscaleSettings(output_size="native", **SUITES[args.suite][args.variant])
     pipeline(torch.rand(1, 32, 32, 3), settings)  # warm-up (kernels, prompt cache)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -88,20 +101,24 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "sd21"], default="sd21")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--suite", choices=list(SUITES), default="tiling",
+                        help="tiling: untiled vs tiled; cfg: guidance 1 vs 1.07 (use with --method s3diff)")
+    parser.add_argument("--method", choices=["osediff", "s3diff"], default="osediff")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
     results = {}
-    for variant in VARIANTS:
+    for variant in SUITES[args.suite]:
         command = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--dtype", args.dtype,
-                   "--device", args.device, "--variant", variant]
+                   "--device", args.device, "--suite", args.suite, "--method", args.method, "--variant", variant]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    base = results["untiled"]
+    base = next(iter(results.values()))
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
-    print(f"{args.model} model, {args.size}x{args.size} output, {args.dtype}, {args.device}; {memory}")
+    print(f"{args.method} on the {args.model} model, {args.size}x{args.size} output, {args.dtype}, {args.device}; "
+          f"{memory}; ratios against the first row")
     for variant, r in results.items():
         print(f"{variant:30s} {r['seconds']:8.2f} s  x{r['seconds'] / base['seconds']:.2f}   "
               f"{r['peak_bytes'] / 2**20:9.0f} MiB  x{r['peak_bytes'] / base['peak_bytes']:.2f}")
