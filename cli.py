@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--method", default="auto", choices=["auto", "osediff", "s3diff", "hero_sr"],
                     help="default: read from the weights")
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
-    up.add_argument("--prompt", default=None, help="text prompt (OSEDiff was trained with 'tag1, tag2, ...')")
+    up.add_argument("--prompt", default=None,
+                    help="text prompt (OSEDiff was trained with 'tag1, tag2, ...'); 'auto': CLIP tags (needs --clip)")
+    up.add_argument("--clip", default=None, help="a transformers CLIPModel folder, for --prompt auto")
     up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
                     help="colour correction against the upscaled input (default: the method's)")
     up.add_argument("--latent-tile", type=int, default=None, help="UNet tile size in latent px (default 96)")
@@ -75,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timestep", default="auto",
                     help="'auto' (Hero-SR: DTSM sample, seeded; others: the method's t), 'argmax', or N in 0..999")
     up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
+
+    tags = commands.add_parser("tags", help="print CLIP tag prompts ('tag1, tag2, ...') for images")
+    tags.add_argument("inputs", nargs="+", metavar="INPUT")
+    tags.add_argument("--clip", required=True, help="a transformers CLIPModel folder (e.g. CLIP-ViT-H-14)")
+    tags.add_argument("--top-k", type=int, default=8)
+    tags.add_argument("--threshold", type=float, default=3.0, help="z-score over the vocabulary (default 3)")
+    tags.add_argument("--user", default="", help="text appended as OSEDiff does: '{tags}, {user},'")
+    tags.add_argument("--json", action="store_true")
+    tags.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
 
     est = commands.add_parser("estimate", help="print S3Diff's degradation scores (blur, noise) of images")
     est.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -123,6 +134,9 @@ def run_upscale(args: argparse.Namespace) -> int:
                                de_net_path=args.de_net).to(device, dtype)
     pipeline = OneStepPipeline(model, device)
     timestep_mode, fixed_timestep = _parse_timestep(args.timestep)
+    if args.prompt == "auto" and not args.clip:
+        raise ValueError("--prompt auto needs --clip FOLDER (a transformers CLIPModel folder)")
+    tagger = _Tagger(args.clip, device) if args.prompt == "auto" else None
     degradation = _parse_degradation(args.degradation)
     settings = UpscaleSettings(
         scale=args.scale, prompt=args.prompt, color_fix=args.color_fix, latent_tile=args.latent_tile,
@@ -143,6 +157,9 @@ def run_upscale(args: argparse.Namespace) -> int:
 
             image = load_image(source).unsqueeze(0)
             run_settings = settings
+            if tagger is not None:
+                run_settings = replace(settings, prompt=tagger.prompt(image[0]))
+                bar.write(f"{source.name}: prompt {run_settings.prompt!r}")
             if timestep_mode == "argmax":
                 chosen, _ = pipeline.predict_timesteps(image, scale=args.scale, mode="argmax")
                 run_settings = replace(settings, timesteps=chosen)
@@ -177,6 +194,36 @@ def _parse_degradation(text: str) -> torch.Tensor | None:
     from .pipelines.onestep import check_degradation
 
     return check_degradation(torch.tensor([[blur, noise]]), 1)
+
+
+class _Tagger:
+    """CLIP tags for the CLI's --prompt auto and `tags`: the vocabulary is encoded once per run."""
+
+    def __init__(self, folder: str, device: torch.device):
+        from .models.clip_tags import transformers_clip_encoders
+
+        self.scorer = transformers_clip_encoders(folder, device=device).scorer()
+        self.device = device
+
+    def prompt(self, image_hwc: torch.Tensor, top_k: int = 8, threshold: float = 3.0, user: str = "") -> str:
+        from .models.clip_tags import format_prompt
+
+        images = image_hwc.permute(2, 0, 1)[None].to(self.device)
+        return format_prompt([t.tag for t in self.scorer.top_tags(images, top_k, threshold)[0]], user)
+
+
+def run_tags(args: argparse.Namespace) -> int:
+    from .pipelines.image_io import collect_inputs, load_image
+
+    tagger = _Tagger(args.clip, _pick_device(args.device))
+    rows = [{"file": str(source), "prompt": tagger.prompt(load_image(source), args.top_k, args.threshold, args.user)}
+            for source in collect_inputs(args.inputs)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['file']}: {row['prompt']}")
+    return 0
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -250,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     handlers = {"upscale": run_upscale, "convert": run_convert, "info": run_info, "estimate": run_estimate,
-                "timestep": run_timestep}
+                "timestep": run_timestep, "tags": run_tags}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError) as error:

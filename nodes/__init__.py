@@ -4,6 +4,7 @@ Node ids are prefixed and never renamed; inputs are only ever appended (saved wo
 widget values by position).
 """
 
+from .clip_prompt_node import OneStepSRCLIPPromptExtract
 from .comfy_adapter import register_if_hosted
 from .degradation_node import OneStepSRDegradationEstimator
 from .loader_node import OneStepSRLoader
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "OneStepSR_Upscale": OneStepSRUpscale,
     "OneStepSR_DTSMTimestep": OneStepSRTimestep,
     "OneStepSR_DegradationEstimator": OneStepSRDegradationEstimator,
+    "OneStepSR_CLIPPromptExtract": OneStepSRCLIPPromptExtract,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -22,6 +24,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OneStepSR_Upscale": "OneStep Upscale",
     "OneStepSR_DTSMTimestep": "DTSM Timestep",
     "OneStepSR_DegradationEstimator": "Degradation Estimator",
+    "OneStepSR_CLIPPromptExtract": "CLIP Prompt Extract",
 }
 
 register_if_hosted()
