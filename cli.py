@@ -212,18 +212,23 @@ class _Tagger:
         return format_prompt([t.tag for t in self.scorer.top_tags(images, top_k, threshold)[0]], user)
 
 
+def _print_rows(rows: list[dict], as_json: bool, describe) -> int:
+    """One line per input file, or the rows as JSON for scripts."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['file']}: {describe(row)}")
+    return 0
+
+
 def run_tags(args: argparse.Namespace) -> int:
     from .pipelines.image_io import collect_inputs, load_image
 
     tagger = _Tagger(args.clip, _pick_device(args.device))
     rows = [{"file": str(source), "prompt": tagger.prompt(load_image(source), args.top_k, args.threshold, args.user)}
             for source in collect_inputs(args.inputs)]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['file']}: {row['prompt']}")
-    return 0
+    return _print_rows(rows, args.json, lambda row: row["prompt"])
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -239,12 +244,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         rgb = split_channels(load_image(source).permute(2, 0, 1)[None]).rgb
         scores = estimate(module, rgb.to(device))[0].tolist()
         rows.append({"file": str(source), "blur": scores[0], "noise": scores[1]})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['file']}: blur {row['blur']:.4f}  noise {row['noise']:.4f}")
-    return 0
+    return _print_rows(rows, args.json, lambda row: f"blur {row['blur']:.4f}  noise {row['noise']:.4f}")
 
 
 def run_timestep(args: argparse.Namespace) -> int:
@@ -261,12 +261,7 @@ def run_timestep(args: argparse.Namespace) -> int:
         t, logits = pipeline.predict_timesteps(load_image(source).unsqueeze(0), scale=args.scale, mode=args.mode,
                                                seed=args.seed)
         rows.append({"file": str(source), "timestep": int(t[0]), "logits": logits[0].tolist()})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['file']}: t = {row['timestep']}")
-    return 0
+    return _print_rows(rows, args.json, lambda row: f"t = {row['timestep']}")
 
 
 def run_convert(args: argparse.Namespace) -> int:
