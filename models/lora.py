@@ -131,7 +131,9 @@ def merge_adapters(model: nn.Module, adapters: Iterable[LoRAAdapter], what: str 
             layers[name] = layer
     for name, delta in totals.items():
         layer = layers[name]
-        merged = (layer.weight.detach().float() + delta).to(layer.weight.dtype)
+        # Kept in float32: a base stored in fp16 must not round the merged weight before the caller
+        # picks the run precision (model.to(dtype) casts once), or fp32 runs would differ by source.
+        merged = layer.weight.detach().float() + delta
         layer.weight = nn.Parameter(merged, requires_grad=False)
     return len(totals)
 
@@ -150,4 +152,5 @@ def replace_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor], wh
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         current = getattr(module, attr)
-        setattr(module, attr, nn.Parameter(value.to(current.device, current.dtype), requires_grad=False))
+        dtype = torch.promote_types(value.dtype, current.dtype)  # never lose the trained precision
+        setattr(module, attr, nn.Parameter(value.to(current.device, dtype), requires_grad=False))

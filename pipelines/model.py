@@ -101,10 +101,10 @@ class OneStepModel:
                 "no tokenizer is available for this base: load it from a diffusers folder (with tokenizer/), "
                 "pass --tokenizer DIR, or use the base through ComfyUI's Load Checkpoint"
             )
-        ids = self.tokenizer(
-            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        # Pad to the text encoder's 77 positions: tokenizer configs may claim more (ComfyUI's says 8192).
+        length = int(self.text_encoder.config.max_position_embeddings)
+        ids = self.tokenizer(prompt, max_length=length, padding="max_length", truncation=True,
+                             return_tensors="pt").input_ids
         encoder_device = next(self.text_encoder.parameters()).device
         embeds = self.text_encoder(ids.to(encoder_device))[0].float()
         self.prompt_cache[prompt] = embeds.cpu()

@@ -125,3 +125,29 @@ def test_incomplete_file_is_reported(osediff_pkl):
         parse_osediff(broken)
     with pytest.raises(WeightsFileError, match="rank_unet"):
         parse_osediff({k: v for k, v in data.items() if k != "rank_unet"})
+
+
+def test_merge_keeps_float32_for_half_bases(tiny_base, osediff_pkl):
+    """An fp16-stored base must merge in fp32, so --dtype fp32 gives the same weights whatever
+    precision the checkpoint file had (the model is cast once, afterwards)."""
+    path, _, _ = osediff_pkl
+    weights = parse_osediff(read_weights_file(path))
+    half = copy.deepcopy(tiny_base.unet).half()
+    full = copy.deepcopy(tiny_base.unet).half().float()
+    for unet in (half, full):
+        replace_parameters(unet, weights.unet_trained)
+        merge_adapters(unet, weights.unet_adapters)
+    layer = "down_blocks.0.resnets.0.conv1.weight"
+    assert dict(half.named_parameters())[layer].dtype == torch.float32
+    assert torch.equal(dict(half.named_parameters())[layer], dict(full.named_parameters())[layer])
+    assert half.conv_in.weight.dtype == torch.float32
+
+
+def test_prompt_pads_to_the_text_encoders_length(tiny_base_dir, osediff_pkl):
+    """ComfyUI's tokenizer config claims 8192 tokens; CLIP has 77 positions."""
+    from onestep_sr.models.base_models import load_diffusers_base
+    from onestep_sr.pipelines.model import load_onestep_model
+
+    model = load_onestep_model(load_diffusers_base(tiny_base_dir), osediff_pkl[0])
+    model.tokenizer.model_max_length = 8192
+    assert model.encode_prompt("a long prompt", torch.device("cpu")).shape[1] == 77
