@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--vae-encoder-tile", type=int, default=None, help="VAE encoder tile in image px (default 1024)")
     up.add_argument("--vae-decoder-tile", type=int, default=None, help="VAE decoder tile in latent px (default 224)")
     up.add_argument("--tile-batch", type=int, default=4, help="tiles per batch (default 4)")
+    up.add_argument("--vae-stats", choices=["auto", "exact", "estimated"], default="auto",
+                    help="tiled VAE GroupNorm statistics: exact (all tiles alive at once), estimated (bounded "
+                         "memory, measured on probe tiles first), auto (exact when it fits in free memory)")
     up.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="model precision (auto: fp16 on GPU, fp32 on CPU)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -142,7 +145,8 @@ def run_upscale(args: argparse.Namespace) -> int:
         scale=args.scale, prompt=args.prompt, color_fix=args.color_fix, latent_tile=args.latent_tile,
         latent_overlap=args.latent_overlap, vae_encoder_tile=args.vae_encoder_tile,
         vae_decoder_tile=args.vae_decoder_tile, tile_batch=args.tile_batch, seed=args.seed,
-        output_size=args.output_size, max_output_pixels=args.max_pixels, negative_prompt=args.negative_prompt,
+        vae_norm_stats=args.vae_stats, output_size=args.output_size, max_output_pixels=args.max_pixels,
+        negative_prompt=args.negative_prompt,
         guidance=args.guidance, degradation=degradation, timesteps=fixed_timestep, timestep_seed=args.timestep_seed,
     )
     output = Path(args.output)

@@ -1,354 +1,63 @@
 """Tiled VAE encode/decode for diffusers' AutoencoderKL (SD-2 structure) with shared GroupNorm statistics.
 
-Why: the SD VAE at 2K-8K px does not fit in GPU memory in one piece, and naive tiling (each tile
+Why: the SD VAE at 2K-8K px does not fit in memory in one piece, and naive tiling (each tile
 normalised with its own GroupNorm statistics) gives visible tile-to-tile colour/contrast seams,
-because GroupNorm is a *global* operation over the whole image. Here every tile runs the encoder or
-decoder forward as a Python generator that stops at each GroupNorm, hands over its partial
-statistics (count, mean, variance per tile and group, over the tile's core region only), and
-resumes with the statistics of the whole stitched image. All tile batches advance in lockstep, so
-each GroupNorm normalises with exactly the statistics the untiled model would compute for the
-same activations.
+because GroupNorm is a global operation over the whole image. Every tile runs the forward of
+vae_steps, which pauses at each GroupNorm; this module decides which statistics it resumes with:
 
-The result differs from the untiled model only by two approximations:
-- zero padding at tile borders (a tile sees `pad` px of context beyond its core; activations near
-  the core edge that depend on data further away differ a little), and
-- the mid-block self-attention runs per tile: each tile attends only within its padded window.
+- exact: all tile batches advance in lockstep and normalise with the statistics of the whole
+  stitched image (combined on the device with Chan's formula). Equal to the untiled model up to zero
+  padding at tile borders and per-tile mid-block attention, but every tile's activation of the
+  current layer is alive at once: memory grows with the image.
+- estimated: the statistics of every GroupNorm are first measured by running a sparse grid of small
+  probe tiles in lockstep (a stratified sample of the image at full resolution), then the tiles run
+  one batch at a time from input to output with those statistics. Memory is bounded by the tile
+  batch, whatever the image size; the cost is the probe pass (about a quarter of the tiles' work at
+  most) and statistics that are estimates.
+- auto (the default): exact when its activations fit in the memory the device has free, estimated
+  otherwise, and estimated again if the exact run runs out of memory anyway.
 
-The generator forward re-implements diffusers' Encoder/Decoder forward (diffusers 0.42.1:
-ResnetBlock2D, Attention with AttnProcessor2_0, Downsample2D, Upsample2D, UNetMidBlock2D) but calls
-the submodules (`resnet.conv1(h)`, `attn.to_q(x)`, ...) so that wrapped modules (e.g. LoRA layers)
-run their own forward. Only the GroupNorms are evaluated by us. Everything stays on the input's
-device; the lockstep loop has no host round-trips.
+Everything stays on the input's device; neither driver moves tiles through host memory.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Generator, Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .device_memory import available_memory, free_cached_memory, is_out_of_memory
+from .vae_steps import Partial, Steps, combine_stats, decoder_steps, encoder_steps
+from .vae_tiles import Tile, TileGeometry, probe_grid, tile_grid
+
+log = logging.getLogger("onestep_sr")
 
 ProgressFn = Callable[[int, int], None]
 InterruptFn = Callable[[], None]
 # Debug hook: called at every GroupNorm with the module and the (B, G) statistics used to normalise.
 StatsHook = Callable[[nn.GroupNorm, torch.Tensor, torch.Tensor], None]
+# Per GroupNorm in forward order: the module and the (B, G) mean and variance to normalise with.
+NormStats = list[tuple[nn.GroupNorm, torch.Tensor, torch.Tensor]]
+
+NORM_STATS_MODES = ("auto", "exact", "estimated")
+MEMORY_HEADROOM = 0.7  # share of the free memory the exact run may plan to use
+PROBE_WORK_SHARE = 0.5  # the probe pass does at most this share of the tiles' work
+PROBE_CORE_SHARE = 4  # a probe's core side is the tile size divided by this
 
 
 # --------------------------------------------------------------------------------------------------
-# Tile geometry
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Box:
-    """Half-open pixel rectangle [top, bottom) x [left, right)."""
-
-    top: int
-    bottom: int
-    left: int
-    right: int
-
-    @property
-    def height(self) -> int:
-        return self.bottom - self.top
-
-    @property
-    def width(self) -> int:
-        return self.right - self.left
-
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.top, self.bottom), slice(self.left, self.right)
-
-    def shifted(self, dy: int, dx: int) -> Box:
-        return Box(self.top + dy, self.bottom + dy, self.left + dx, self.right + dx)
-
-    def scaled(self, num: int, den: int) -> Box:
-        """Coordinates times num/den; they must stay integers (tiles are aligned to the stride)."""
-        coords = (self.top, self.bottom, self.left, self.right)
-        if any((c * num) % den for c in coords):
-            raise ValueError(f"{self} is not aligned to a multiple of {den}")
-        return Box(*(c * num // den for c in coords))
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One tile: the padded input window it reads and the core region it writes.
-
-    Cores of all tiles partition the image exactly; windows contain their core, are clamped to the
-    image and all have the same size (so tiles can be stacked into one batch).
-    """
-
-    window: Box
-    core: Box
-
-    @property
-    def local_core(self) -> Box:
-        """The core in the window's own coordinates."""
-        return self.core.shifted(-self.window.top, -self.window.left)
-
-
-def _axis_spans(size: int, tile: int, pad: int, multiple: int) -> list[tuple[int, int, int, int]]:
-    """Tiles along one axis as (window_start, window_end, core_start, core_end).
-
-    Cores are balanced (equal up to `multiple`) rather than `tile, tile, ..., remainder`, and each
-    window is centred on its core then shifted inside the image: same count of tiles as a regular
-    grid, but every core gets at least `pad` context on each side that is not an image border, and
-    the last tile is snapped to the border instead of shrinking.
-    """
-    window = min(tile + 2 * pad, size)
-    if size <= tile + 2 * pad:
-        return [(0, size, 0, size)]
-    count = math.ceil(size / tile)
-    units = size // multiple
-    # floor(i * units / count + 1/2) in integers: strictly increasing since units >= count.
-    bounds = [multiple * ((2 * i * units + count) // (2 * count)) for i in range(count + 1)]
-    spans = []
-    for core_start, core_end in zip(bounds[:-1], bounds[1:], strict=True):
-        slack = (window - (core_end - core_start)) // 2 // multiple * multiple
-        start = min(max(core_start - slack, 0), size - window)
-        spans.append((start, start + window, core_start, core_end))
-    return spans
-
-
-def tile_grid(size_h: int, size_w: int, tile: int, pad: int, snap_multiple: int = 1) -> list[Tile]:
-    """The tiles for an image of size_h x size_w, in row-major order.
-
-    `tile` is the nominal core size and `pad` the context on each side. All positions and sizes
-    are multiples of `snap_multiple` (tile is rounded down, pad up, to a multiple of it) so that a
-    tile's feature maps align with the global ones at every downsampled resolution. An axis no
-    longer than tile + 2*pad gets a single span covering it, so an image that fits gives one tile.
-    """
-    m = snap_multiple
-    if m < 1 or size_h % m or size_w % m:
-        raise ValueError(f"image size {size_h}x{size_w} must be a multiple of {m}")
-    if tile < 1 or pad < 0:
-        raise ValueError(f"need tile >= 1 and pad >= 0, got tile={tile}, pad={pad}")
-    tile = max(m, tile // m * m)
-    pad = math.ceil(pad / m) * m
-    rows = _axis_spans(size_h, tile, pad, m)
-    cols = _axis_spans(size_w, tile, pad, m)
-    return [
-        Tile(window=Box(wy0, wy1, wx0, wx1), core=Box(cy0, cy1, cx0, cx1))
-        for wy0, wy1, cy0, cy1 in rows
-        for wx0, wx1, cx0, cx1 in cols
-    ]
-
-
-@dataclass(frozen=True)
-class _TileGeometry:
-    """What a generator needs to know about its batch: the window size and each element's core."""
-
-    window_h: int
-    window_w: int
-    local_cores: tuple[Box, ...]
-
-    def cores_at(self, h: torch.Tensor) -> list[tuple[slice, slice]]:
-        """Each batch element's core as slices into a feature map of h's resolution."""
-        height, width = h.shape[-2:]
-        if height * self.window_w != width * self.window_h:
-            raise RuntimeError(f"feature map {height}x{width} does not match window {self.window_h}x{self.window_w}")
-        if height >= self.window_h:  # upsampled (decoder): integer factor
-            num, den = height // self.window_h, 1
-        else:  # downsampled (encoder): exact because windows are aligned
-            num, den = 1, self.window_h // height
-        return [core.scaled(num, den).slices() for core in self.local_cores]
-
-
-# --------------------------------------------------------------------------------------------------
-# GroupNorm with statistics supplied from outside
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Partial:
-    """Per-tile statistics of one GroupNorm input, over each tile's core: shapes (N,), (N, G), (N, G)."""
-
-    norm: nn.GroupNorm
-    count: torch.Tensor
-    mean: torch.Tensor
-    var: torch.Tensor
-
-
-# A generator forward: yields _Partial at each GroupNorm, receives (mean, var) of shape (N, G).
-_Steps = Generator[_Partial, tuple[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """float32 for fp16/bf16/fp32 activations, float64 stays float64."""
-    return torch.promote_types(h.dtype, torch.float32)
-
-
-def _partial_stats(norm: nn.GroupNorm, h: torch.Tensor, geometry: _TileGeometry) -> _Partial:
-    """Mean and (biased) variance per tile and group over the core only, in float32 (or better).
-
-    Mean/variance rather than sum/sum-of-squares: combining them with Chan's parallel formula does
-    not suffer the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std.
-    """
-    groups = norm.num_groups
-    means, variances, counts = [], [], []
-    for i, (rows, cols) in enumerate(geometry.cores_at(h)):
-        core = h[i, :, rows, cols].unflatten(0, (groups, -1)).to(_compute_dtype(h))
-        var, mean = torch.var_mean(core, dim=(1, 2, 3), correction=0)
-        means.append(mean)
-        variances.append(var)
-        # new_full is a device-side fill: no host-to-device copy, no synchronisation.
-        counts.append(mean.new_full((), float(core[0].numel())))
-    return _Partial(norm, torch.stack(counts), torch.stack(means), torch.stack(variances))
-
-
-def _normalize(norm: nn.GroupNorm, h: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of h with given (N, G) statistics; computed in float32 (or better), returned in h's dtype."""
-    channels_per_group = h.shape[1] // norm.num_groups
-    scale = torch.rsqrt(var + norm.eps).repeat_interleave(channels_per_group, dim=1)  # (N, C)
-    shift = -mean.repeat_interleave(channels_per_group, dim=1) * scale
-    if norm.affine:
-        weight = norm.weight.to(scale.dtype)
-        shift = shift * weight + norm.bias.to(scale.dtype)
-        scale = scale * weight
-    # Mixed-dtype addcmul computes in float32 (float64) and casts on write: no float32 copy of h.
-    out = torch.empty_like(h)
-    return torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None], out=out)
-
-
-def _group_norm(norm: nn.Module, h: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    if not isinstance(norm, nn.GroupNorm):
-        raise NotImplementedError(f"tiled VAE supports GroupNorm only, got {type(norm).__name__}")
-    mean, var = yield _partial_stats(norm, h, geometry)
-    return _normalize(norm, h, mean, var)
-
-
-def _combine_stats(
-    count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n_images: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image statistics from per-tile ones (Chan et al.); tiles are ordered image-major.
-
-    count (T,), mean/var (T, G) with T = n_images * tiles_per_image -> mean/var (n_images, G).
-    """
-    groups = mean.shape[-1]
-    c = count.view(n_images, -1, 1)
-    m = mean.view(n_images, -1, groups)
-    v = var.view(n_images, -1, groups)
-    total = c.sum(dim=1)
-    global_mean = (c * m).sum(dim=1) / total
-    global_var = (c * (v + (m - global_mean[:, None]) ** 2)).sum(dim=1) / total
-    return global_mean, global_var
-
-
-# --------------------------------------------------------------------------------------------------
-# Generator re-implementation of the diffusers forward
-# --------------------------------------------------------------------------------------------------
-
-
-def _resnet(block: nn.Module, h: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    """diffusers ResnetBlock2D.forward with temb=None (VAE blocks have no time embedding)."""
-    # With temb=None every time_embedding_norm except scale_shift is a plain norm2.
-    if block.upsample is not None or block.downsample is not None or block.time_embedding_norm == "scale_shift":
-        raise NotImplementedError("tiled VAE supports plain ResnetBlock2D (no up/down, no scale_shift)")
-    x = yield from _group_norm(block.norm1, h, geometry)
-    x = block.nonlinearity(x)
-    x = block.conv1(x)
-    x = yield from _group_norm(block.norm2, x, geometry)
-    x = block.nonlinearity(x)
-    x = block.dropout(x)
-    x = block.conv2(x)
-    shortcut = block.conv_shortcut(h) if block.conv_shortcut is not None else h
-    return (shortcut + x) / block.output_scale_factor
-
-
-def _attention(attn: nn.Module, h: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    """diffusers Attention + AttnProcessor2_0 for the VAE mid-block (self-attention over one tile).
-
-    The attention itself is per batch element, i.e. per tile: the one approximation besides
-    zero padding at tile borders. Softmax upcasting is implicit in scaled_dot_product_attention.
-    """
-    if attn.spatial_norm is not None or attn.norm_cross:
-        raise NotImplementedError("tiled VAE does not support spatial-norm or cross attention")
-    residual = h
-    n, channels, height, width = h.shape
-    if attn.group_norm is not None:
-        h = yield from _group_norm(attn.group_norm, h, geometry)
-    x = h.view(n, channels, height * width).transpose(1, 2)
-    query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (t.view(n, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    x = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    x = x.transpose(1, 2).reshape(n, -1, attn.heads * head_dim).to(query.dtype)
-    x = attn.to_out[0](x)
-    x = attn.to_out[1](x)
-    x = x.transpose(-1, -2).reshape(n, channels, height, width)
-    if attn.residual_connection:
-        x = x + residual
-    return x / attn.rescale_output_factor
-
-
-def _mid_block(mid: nn.Module, h: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    """diffusers UNetMidBlock2D.forward: resnet, then (attention, resnet) pairs."""
-    h = yield from _resnet(mid.resnets[0], h, geometry)
-    for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
-        if attn is not None:
-            h = yield from _attention(attn, h, geometry)
-        h = yield from _resnet(resnet, h, geometry)
-    return h
-
-
-def _resnet_block_group(block: nn.Module, h: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then the resampler modules as they are.
-
-    Downsample2D (zero pad (0,1,0,1), stride-2 conv) and Upsample2D (nearest x2, conv) have no
-    GroupNorm, so they are called whole; on a tile their zero pad lands at the tile border.
-    """
-    if getattr(block, "attentions", None):
-        raise NotImplementedError(f"tiled VAE does not support {type(block).__name__}")
-    for resnet in block.resnets:
-        h = yield from _resnet(resnet, h, geometry)
-    for resampler in getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None) or ():
-        h = resampler(h)
-    return h
-
-
-def _encoder_steps(encoder: nn.Module, x: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    """diffusers Encoder.forward as a generator."""
-    h = encoder.conv_in(x)
-    for block in encoder.down_blocks:
-        h = yield from _resnet_block_group(block, h, geometry)
-    h = yield from _mid_block(encoder.mid_block, h, geometry)
-    h = yield from _group_norm(encoder.conv_norm_out, h, geometry)
-    h = encoder.conv_act(h)
-    return encoder.conv_out(h)
-
-
-def _decoder_steps(decoder: nn.Module, z: torch.Tensor, geometry: _TileGeometry) -> _Steps:
-    """diffusers Decoder.forward (latent_embeds=None) as a generator."""
-    h = decoder.conv_in(z)
-    h = yield from _mid_block(decoder.mid_block, h, geometry)
-    # Older diffusers cast to the up blocks' dtype here (a no-op when the decoder has one dtype).
-    h = h.to(next(iter(decoder.up_blocks.parameters())).dtype)
-    for block in decoder.up_blocks:
-        h = yield from _resnet_block_group(block, h, geometry)
-    h = yield from _group_norm(decoder.conv_norm_out, h, geometry)
-    h = decoder.conv_act(h)
-    return decoder.conv_out(h)
-
-
-# --------------------------------------------------------------------------------------------------
-# Lockstep driver
+# Jobs: one batch of tiles running through one generator
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Job:
-    """One batch of tiles running through one generator."""
-
     items: list[tuple[int, Tile]]  # (image index, tile)
-    steps: _Steps
-    pending: _Partial | None = None
+    steps: Steps
+    pending: Partial | None = None
     output: torch.Tensor | None = None
 
     def advance(self, stats: tuple[torch.Tensor, torch.Tensor] | None) -> None:
@@ -356,6 +65,44 @@ class _Job:
             self.pending = next(self.steps) if stats is None else self.steps.send(stats)
         except StopIteration as stop:
             self.pending, self.output = None, stop.value
+
+
+RunFn = Callable[[torch.Tensor, TileGeometry], Steps]
+
+
+def _make_job(x: torch.Tensor, items: list[tuple[int, Tile]], run: RunFn) -> _Job:
+    window = items[0][1].window
+    stacked = torch.stack([x[b, :, tile.window.top : tile.window.bottom, tile.window.left : tile.window.right]
+                           for b, tile in items])
+    geometry = TileGeometry(window.height, window.width, tuple(tile.local_core for _, tile in items))
+    return _Job(items=items, steps=run(stacked, geometry))
+
+
+def _batches(n_images: int, tiles: Sequence[Tile], tile_batch: int) -> list[list[tuple[int, Tile]]]:
+    """(image, tile) pairs, image-major (see combine_stats), cut into batches of tile_batch."""
+    if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+    items = [(b, tile) for b in range(n_images) for tile in tiles]
+    return [items[start : start + tile_batch] for start in range(0, len(items), tile_batch)]
+
+
+def _write_cores(result: torch.Tensor, job: _Job, scale: tuple[int, int]) -> None:
+    """Write each tile's core (at output resolution) into the result; cores partition the image."""
+    num, den = scale
+    for output, (b, tile) in zip(job.output, job.items, strict=True):
+        src_rows, src_cols = tile.local_core.scaled(num, den).slices()
+        dst_rows, dst_cols = tile.core.scaled(num, den).slices()
+        result[b, :, dst_rows, dst_cols] = output[:, src_rows, src_cols]
+
+
+def _new_result(first: torch.Tensor, n_images: int, size: Sequence[int], scale: tuple[int, int]) -> torch.Tensor:
+    num, den = scale
+    return first.new_empty(n_images, first.shape[1], size[0] * num // den, size[1] * num // den)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact statistics: all jobs in lockstep
+# --------------------------------------------------------------------------------------------------
 
 
 class _Progress:
@@ -376,23 +123,8 @@ class _Progress:
             self.callback(done, self.total)
 
 
-def _make_jobs(
-    x: torch.Tensor, tiles: Sequence[Tile], tile_batch: int, run: Callable[[torch.Tensor, _TileGeometry], _Steps]
-) -> list[_Job]:
-    items = [(b, tile) for b in range(x.shape[0]) for tile in tiles]  # image-major: see _combine_stats
-    jobs = []
-    for start in range(0, len(items), tile_batch):
-        chunk = items[start : start + tile_batch]
-        window = chunk[0][1].window
-        stacked = torch.stack([x[b, :, tile.window.top : tile.window.bottom, tile.window.left : tile.window.right]
-                               for b, tile in chunk])
-        geometry = _TileGeometry(window.height, window.width, tuple(tile.local_core for _, tile in chunk))
-        jobs.append(_Job(items=chunk, steps=run(stacked, geometry)))
-    return jobs
-
-
 def _exchange_stats(
-    partials: list[_Partial], n_images: int, shared: bool, stats_hook: StatsHook | None
+    partials: list[Partial], n_images: int, shared: bool, stats_hook: StatsHook | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The statistics each job normalises with: per image over all its tiles, or per tile."""
     norm = partials[0].norm
@@ -400,8 +132,8 @@ def _exchange_stats(
         raise RuntimeError("tile generators fell out of lockstep")
     if not shared:  # negative control for tests: naive per-tile normalisation
         return ((p.mean, p.var) for p in partials)
-    mean, var = _combine_stats(torch.cat([p.count for p in partials]), torch.cat([p.mean for p in partials]),
-                               torch.cat([p.var for p in partials]), n_images)
+    mean, var = combine_stats(torch.cat([p.count for p in partials]), torch.cat([p.mean for p in partials]),
+                              torch.cat([p.var for p in partials]), n_images)
     if stats_hook is not None:
         stats_hook(norm, mean, var)
     tiles_per_image = sum(len(p.count) for p in partials) // n_images
@@ -411,23 +143,9 @@ def _exchange_stats(
     return zip(mean_tiles.split(sizes), var_tiles.split(sizes), strict=True)
 
 
-def _run_lockstep(
-    x: torch.Tensor,
-    tiles: Sequence[Tile],
-    tile_batch: int,
-    run: Callable[[torch.Tensor, _TileGeometry], _Steps],
-    scale: tuple[int, int],
-    n_norms: int,
-    progress: ProgressFn | None = None,
-    check_interrupt: InterruptFn | None = None,
-    shared_stats: bool = True,
-    stats_hook: StatsHook | None = None,
-) -> torch.Tensor:
-    """Run all tile batches in lockstep and assemble their core regions (scaled by num/den)."""
-    if tile_batch < 1:
-        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
-    jobs = _make_jobs(x, tiles, tile_batch, run)
-    counter = _Progress(progress, x.shape[0] * len(tiles), n_norms + 1)
+def _drive_lockstep(jobs: list[_Job], n_images: int, counter: _Progress, check_interrupt: InterruptFn | None,
+                    shared_stats: bool, stats_hook: StatsHook | None) -> None:
+    """Advance every job to its next GroupNorm, exchange statistics, repeat until all have finished."""
     try:
         stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(jobs)
         while True:
@@ -438,32 +156,160 @@ def _run_lockstep(
                 counter.add(len(job.items))
             finished = [job.pending is None for job in jobs]
             if all(finished):
-                break
+                return
             if any(finished):
                 raise RuntimeError("tile generators fell out of lockstep")
-            stats = list(_exchange_stats([job.pending for job in jobs], x.shape[0], shared_stats, stats_hook))
+            stats = list(_exchange_stats([job.pending for job in jobs], n_images, shared_stats, stats_hook))
     finally:
         for job in jobs:
             job.steps.close()
+
+
+def _run_lockstep(
+    x: torch.Tensor,
+    tiles: Sequence[Tile],
+    tile_batch: int,
+    run: RunFn,
+    scale: tuple[int, int],
+    n_norms: int,
+    progress: ProgressFn | None = None,
+    check_interrupt: InterruptFn | None = None,
+    shared_stats: bool = True,
+    stats_hook: StatsHook | None = None,
+) -> torch.Tensor:
+    """Run all tile batches in lockstep and assemble their core regions (scaled by num/den)."""
+    n_images = x.shape[0]
+    jobs = [_make_job(x, items, run) for items in _batches(n_images, tiles, tile_batch)]
+    counter = _Progress(progress, n_images * len(tiles), n_norms + 1)
+    _drive_lockstep(jobs, n_images, counter, check_interrupt, shared_stats, stats_hook)
     counter.report(counter.total)
-    return _assemble(jobs, x.shape[0], x.shape[-2:], scale)
-
-
-def _assemble(jobs: list[_Job], n_images: int, size: Sequence[int], scale: tuple[int, int]) -> torch.Tensor:
-    """Write each tile's core (at output resolution) into the result; cores partition the image."""
-    num, den = scale
-    first = jobs[0].output
-    result = first.new_empty(n_images, first.shape[1], size[0] * num // den, size[1] * num // den)
+    result = _new_result(jobs[0].output, n_images, x.shape[-2:], scale)
     for job in jobs:
-        for output, (b, tile) in zip(job.output, job.items, strict=True):
-            src_rows, src_cols = tile.local_core.scaled(num, den).slices()
-            dst_rows, dst_cols = tile.core.scaled(num, den).slices()
-            result[b, :, dst_rows, dst_cols] = output[:, src_rows, src_cols]
+        _write_cores(result, job, scale)
     return result
 
 
 # --------------------------------------------------------------------------------------------------
-# Public API
+# Estimated statistics: probes in lockstep, then tiles streamed one batch at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def _estimate_stats(x: torch.Tensor, probes: Sequence[Tile], tile_batch: int, run: RunFn,
+                    check_interrupt: InterruptFn | None = None) -> NormStats:
+    """Per-image statistics of every GroupNorm, measured on the probe tiles in lockstep."""
+    recorded: NormStats = []
+    jobs = [_make_job(x, items, run) for items in _batches(x.shape[0], probes, tile_batch)]
+    _drive_lockstep(jobs, x.shape[0], _Progress(None, 1, 1), check_interrupt, shared_stats=True,
+                    stats_hook=lambda norm, mean, var: recorded.append((norm, mean, var)))
+    return recorded
+
+
+def _run_streamed(
+    x: torch.Tensor,
+    tiles: Sequence[Tile],
+    tile_batch: int,
+    run: RunFn,
+    scale: tuple[int, int],
+    stats: NormStats,
+    progress: ProgressFn | None = None,
+    check_interrupt: InterruptFn | None = None,
+) -> torch.Tensor:
+    """Run each tile batch from input to output with the given statistics, then drop it."""
+    n_images = x.shape[0]
+    total, done = n_images * len(tiles), 0
+    result = None
+    for items in _batches(n_images, tiles, tile_batch):
+        if check_interrupt is not None:
+            check_interrupt()
+        job = _make_job(x, items, run)
+        index = torch.tensor([b for b, _ in items], device=x.device)
+        try:
+            job.advance(None)
+            for norm, mean, var in stats:
+                if job.pending is None or job.pending.norm is not norm:
+                    raise RuntimeError("the estimated statistics do not match this VAE's GroupNorms")
+                job.advance((mean.index_select(0, index), var.index_select(0, index)))
+            if job.pending is not None:
+                raise RuntimeError("the estimated statistics do not match this VAE's GroupNorms")
+        finally:
+            job.steps.close()
+        if result is None:
+            result = _new_result(job.output, n_images, x.shape[-2:], scale)
+        _write_cores(result, job, scale)
+        done += len(items)
+        if progress is not None:
+            progress(done, total)
+    return result
+
+
+def _probe_tiles(height: int, width: int, tiles: Sequence[Tile], tile: int, pad: int, tile_batch: int,
+                 multiple: int) -> list[Tile]:
+    """The probe grid for one image: small tiles whose windows add up to at most the area of one tile
+    batch (the memory the streamed run needs anyway) and PROBE_WORK_SHARE of the tiles' windows."""
+    window_area = tiles[0].window.height * tiles[0].window.width
+    budget = min(tile_batch * window_area, PROBE_WORK_SHARE * len(tiles) * window_area)
+    core = max(multiple, tile // PROBE_CORE_SHARE // multiple * multiple)
+    probe_window = min(core + 2 * pad, height) * min(core + 2 * pad, width)
+    return probe_grid(height, width, core, pad, count=max(1, int(budget // probe_window)), snap_multiple=multiple)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory planning
+# --------------------------------------------------------------------------------------------------
+
+
+def _elements_per_px(part: nn.Module, decoder: bool) -> tuple[float, float]:
+    """(held, transient) elements per input pixel at the widest stage. Held: what every tile keeps
+    across a GroupNorm pause (the resnet input for the shortcut plus the tensor being normalised).
+    Transient: what the running batch adds on top (an upsampler's nearest-upsampled copy and its
+    convolution output, or a resnet's intermediates)."""
+    blocks = [part.mid_block, *part.up_blocks] if decoder else [*part.down_blocks, part.mid_block]
+    area, held, transient = 1.0, 0.0, 0.0
+    for block in blocks:
+        for resnet in block.resnets:
+            held = max(held, (resnet.in_channels + resnet.out_channels) * area)
+            transient = max(transient, (resnet.in_channels + 2 * resnet.out_channels) * area)
+        for sampler in getattr(block, "upsamplers", None) or ():
+            transient = max(transient, 2 * sampler.channels * area * 4)
+            area *= 4
+        if getattr(block, "downsamplers", None):
+            area /= 4
+    return held, transient
+
+
+# Measured on the tiny test VAE (decoder and encoder, 2 sizes each): actual peaks were 0.8-1.5x the
+# count of held + transient elements (allocator slack, convolution workspaces); plan with the upper end.
+_PLANNING_FACTOR = 1.5
+
+
+def exact_memory_bytes(part: nn.Module, decoder: bool, tiles: Sequence[Tile], n_images: int,
+                       tile_batch: int, dtype: torch.dtype) -> int:
+    """Planned peak of the exact lockstep run: every tile's held activations plus one batch's
+    temporaries. An estimate for choosing the mode, not a promise."""
+    window = tiles[0].window.height * tiles[0].window.width
+    held, transient = _elements_per_px(part, decoder)
+    total_tiles = n_images * len(tiles)
+    elements = window * (total_tiles * held + min(tile_batch, total_tiles) * transient)
+    return int(_PLANNING_FACTOR * elements * torch.empty((), dtype=dtype).element_size())
+
+
+def _choose_mode(mode: str, part: nn.Module, decoder: bool, x: torch.Tensor, tiles: Sequence[Tile],
+                 tile_batch: int, memory_budget: int | None) -> str:
+    if mode not in NORM_STATS_MODES:
+        raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if memory_budget is None:
+        free = available_memory(x.device)
+        if free is None:
+            return "exact"
+        memory_budget = int(free * MEMORY_HEADROOM)
+    needed = exact_memory_bytes(part, decoder, tiles, x.shape[0], tile_batch, x.dtype)
+    return "exact" if needed <= memory_budget else "estimated"
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder/decoder plumbing
 # --------------------------------------------------------------------------------------------------
 
 
@@ -479,31 +325,80 @@ def _decoder_factor(vae: nn.Module) -> int:
     return 2 ** sum(1 for block in vae.decoder.up_blocks if getattr(block, "upsamplers", None))
 
 
-def _plain_encode(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """vae.encode(x).latent_dist.parameters without diffusers' own tiling/slicing."""
-    moments = vae.encoder(x)
+def _quant(vae: nn.Module, moments: torch.Tensor) -> torch.Tensor:
     quant_conv = getattr(vae, "quant_conv", None)
     return quant_conv(moments) if quant_conv is not None else moments
+
+
+def _plain_encode(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """vae.encode(x).latent_dist.parameters without diffusers' own tiling/slicing."""
+    return _quant(vae, vae.encoder(x))
+
+
+def _post_quant(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    post_quant_conv = getattr(vae, "post_quant_conv", None)
+    return post_quant_conv(z) if post_quant_conv is not None else z  # 1x1 conv: exact on the whole latent
+
+
+@dataclass(frozen=True)
+class _Part:
+    """The encoder or the decoder, seen by the drivers."""
+
+    module: nn.Module
+    decoder: bool
+    scale: tuple[int, int]  # output px per input px, as num/den
+    multiple: int  # tiles are aligned to this
+
+    def run(self, tiles: torch.Tensor, geometry: TileGeometry) -> Steps:
+        return (decoder_steps if self.decoder else encoder_steps)(self.module, tiles, geometry)
+
+    @property
+    def n_norms(self) -> int:
+        return _count_group_norms(self.module)
+
+
+def _encoder_part(vae: nn.Module) -> _Part:
+    factor = _encoder_factor(vae)
+    return _Part(vae.encoder, decoder=False, scale=(1, factor), multiple=factor)
+
+
+def _decoder_part(vae: nn.Module) -> _Part:
+    return _Part(vae.decoder, decoder=True, scale=(_decoder_factor(vae), 1), multiple=1)
+
+
+def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch: int, norm_stats: str,
+                   memory_budget: int | None, progress: ProgressFn | None,
+                   check_interrupt: InterruptFn | None) -> torch.Tensor:
+    """The part's output for x (more than one tile), with exact or estimated statistics."""
+    height, width = x.shape[-2:]
+    tiles = tile_grid(height, width, tile, pad, snap_multiple=part.multiple)
+    mode = _choose_mode(norm_stats, part.module, part.decoder, x, tiles, tile_batch, memory_budget)
+    if mode == "exact":
+        try:
+            return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,
+                                 check_interrupt)
+        except Exception as error:  # retried below, outside the handler, so the failed run's tensors are freed
+            if norm_stats != "auto" or not is_out_of_memory(error):
+                raise
+        free_cached_memory(x.device)
+        log.warning("tiled VAE: out of memory with exact GroupNorm statistics; retrying with estimated ones")
+    probes = _probe_tiles(height, width, tiles, tile, pad, tile_batch, part.multiple)
+    stats = _estimate_stats(x, probes, tile_batch, part.run, check_interrupt)
+    return _run_streamed(x, tiles, tile_batch, part.run, part.scale, stats, progress, check_interrupt)
 
 
 def _encode_lockstep(vae: nn.Module, x: torch.Tensor, tiles: Sequence[Tile], tile_batch: int = 4,
                      **options) -> torch.Tensor:
-    """Encoder moments through the lockstep path (options: see _run_lockstep); used by tests."""
-    factor = _encoder_factor(vae)
-    moments = _run_lockstep(x, tiles, tile_batch, lambda t, g: _encoder_steps(vae.encoder, t, g),
-                            (1, factor), _count_group_norms(vae.encoder), **options)
-    quant_conv = getattr(vae, "quant_conv", None)
-    return quant_conv(moments) if quant_conv is not None else moments
+    """Encoder moments through the exact lockstep path (options: see _run_lockstep); used by tests."""
+    part = _encoder_part(vae)
+    return _quant(vae, _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, **options))
 
 
 def _decode_lockstep(vae: nn.Module, z: torch.Tensor, tiles: Sequence[Tile], tile_batch: int = 4,
                      **options) -> torch.Tensor:
-    """Decoded image through the lockstep path (options: see _run_lockstep); used by tests."""
-    post_quant_conv = getattr(vae, "post_quant_conv", None)
-    if post_quant_conv is not None:
-        z = post_quant_conv(z)  # 1x1 conv: exact on the whole latent
-    return _run_lockstep(z, tiles, tile_batch, lambda t, g: _decoder_steps(vae.decoder, t, g),
-                         (_decoder_factor(vae), 1), _count_group_norms(vae.decoder), **options)
+    """Decoded image through the exact lockstep path (options: see _run_lockstep); used by tests."""
+    part = _decoder_part(vae)
+    return _run_lockstep(_post_quant(vae, z), tiles, tile_batch, part.run, part.scale, part.n_norms, **options)
 
 
 def _prepare_input(t: torch.Tensor, module: nn.Module, what: str) -> torch.Tensor:
@@ -511,6 +406,15 @@ def _prepare_input(t: torch.Tensor, module: nn.Module, what: str) -> torch.Tenso
     if t.dim() != 4:
         raise ValueError(f"{what} must have shape (B, C, H, W), got {tuple(t.shape)}")
     return t.to(next(module.parameters()).dtype)
+
+
+def _single_tile(height: int, width: int, tile: int, pad: int, multiple: int) -> bool:
+    return len(tile_grid(height, width, tile, pad, snap_multiple=multiple)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -522,29 +426,33 @@ def encode_tiled(
     tile_batch: int = 4,
     progress: ProgressFn | None = None,
     check_interrupt: InterruptFn | None = None,
+    norm_stats: str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """Encode images in [-1, 1] (B, 3, H, W) to the encoder MOMENTS (B, 2*latent, H/8, W/8).
 
     Returns quant_conv's output (mean and logvar concatenated) so the caller picks mean or sample.
     H and W must be multiples of the VAE's downsampling factor (8). An image no larger than
-    tile_px + 2*pad_px runs the plain diffusers encoder (exact); larger ones are tiled with shared
-    GroupNorm statistics. progress(done, total) counts tiles (tile-equivalents of work while the
-    lockstep run is in flight); check_interrupt() is called between lockstep steps and may raise.
+    tile_px + 2*pad_px runs the plain diffusers encoder (exact); larger ones are tiled with GroupNorm
+    statistics per `norm_stats` ("auto", "exact", "estimated"; see the module docstring);
+    memory_budget (bytes) replaces the device's free memory in auto's choice. progress(done, total)
+    counts tiles; check_interrupt() is called between steps and may raise.
     """
-    factor = _encoder_factor(vae)
+    part = _encoder_part(vae)
     x = _prepare_input(x, vae.encoder, "encoder input")
     height, width = x.shape[-2:]
-    if height % factor or width % factor:
-        raise ValueError(f"encoder input {height}x{width} must have H and W divisible by {factor}; pad or crop it")
-    tiles = tile_grid(height, width, tile_px, pad_px, snap_multiple=factor)
-    if len(tiles) == 1:
+    if height % part.multiple or width % part.multiple:
+        raise ValueError(f"encoder input {height}x{width} must have H and W divisible by {part.multiple}; "
+                         "pad or crop it")
+    if _single_tile(height, width, tile_px, pad_px, part.multiple):
         if check_interrupt is not None:
             check_interrupt()
         moments = _plain_encode(vae, x)
         if progress is not None:
             progress(x.shape[0], x.shape[0])
         return moments
-    return _encode_lockstep(vae, x, tiles, tile_batch, progress=progress, check_interrupt=check_interrupt)
+    return _quant(vae, _tiled_forward(part, x, tile_px, pad_px, tile_batch, norm_stats, memory_budget,
+                                      progress, check_interrupt))
 
 
 @torch.no_grad()
@@ -556,21 +464,22 @@ def decode_tiled(
     tile_batch: int = 4,
     progress: ProgressFn | None = None,
     check_interrupt: InterruptFn | None = None,
+    norm_stats: str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """Decode UNSCALED latents (already divided by the scaling factor) to images in [-1, 1].
 
     The output is not clamped (the caller clamps). A latent no larger than tile_latent +
-    2*pad_latent runs the plain diffusers decoder (exact); larger ones are tiled with shared
-    GroupNorm statistics. progress/check_interrupt as in encode_tiled.
+    2*pad_latent runs the plain diffusers decoder (exact); larger ones are tiled as in encode_tiled.
     """
+    part = _decoder_part(vae)
     z = _prepare_input(z, vae.decoder, "latent")
-    tiles = tile_grid(z.shape[-2], z.shape[-1], tile_latent, pad_latent)
-    if len(tiles) == 1:
+    if _single_tile(z.shape[-2], z.shape[-1], tile_latent, pad_latent, part.multiple):
         if check_interrupt is not None:
             check_interrupt()
-        post_quant_conv = getattr(vae, "post_quant_conv", None)
-        image = vae.decoder(post_quant_conv(z) if post_quant_conv is not None else z)
+        image = vae.decoder(_post_quant(vae, z))
         if progress is not None:
             progress(z.shape[0], z.shape[0])
         return image
-    return _decode_lockstep(vae, z, tiles, tile_batch, progress=progress, check_interrupt=check_interrupt)
+    return _tiled_forward(part, _post_quant(vae, z), tile_latent, pad_latent, tile_batch, norm_stats,
+                          memory_budget, progress, check_interrupt)

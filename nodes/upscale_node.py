@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..models.tiled_vae import NORM_STATS_MODES
 from ..pipelines.color_fix import COLOR_FIX_METHODS
 from ..pipelines.onestep import RunHooks, UpscaleSettings
 from . import comfy_adapter as comfy
@@ -70,19 +71,25 @@ class OneStepSRUpscale:
                 "degradation": ("SR_DEGRADATION", {
                     "tooltip": "Blur/noise scores from Degradation Estimator (S3Diff). Unconnected: estimated "
                                "automatically."}),
+                "vae_norm_stats": (list(NORM_STATS_MODES), {
+                    "default": "auto",
+                    "tooltip": "GroupNorm statistics of the tiled VAE. exact: every tile of the image is held at "
+                               "once (memory grows with the image). estimated: measured on small probe tiles "
+                               "first, then tiles run one batch at a time (bounded memory, tiny differences). "
+                               "auto: exact when it fits in free memory, else estimated."}),
             },
         }
 
     def upscale(self, onestep_model, image, prompt, scale, color_fix, latent_tile, latent_overlap,
                 vae_encoder_tile, vae_decoder_tile, latent, seed, negative_prompt="", guidance=0.0,
-                timestep=None, degradation=None):
+                timestep=None, degradation=None, vae_norm_stats="auto"):
         settings = UpscaleSettings(
             scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
             latent_tile=latent_tile, latent_overlap=latent_overlap, vae_encoder_tile=vae_encoder_tile,
             vae_decoder_tile=vae_decoder_tile, seed=seed if latent == "sample" else None,
             negative_prompt=negative_prompt or None, guidance=guidance or None,
             timesteps=None if timestep is None else timestep["timesteps"],
-            degradation=degradation, timestep_seed=seed,
+            degradation=degradation, timestep_seed=seed, vae_norm_stats=vae_norm_stats,
         )
         pipeline = onestep_model.pipeline()
         hooks = RunHooks(progress=comfy.progress_bar(1), check_interrupt=comfy.check_interrupt)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..models.device_memory import free_cached_memory, is_out_of_memory
 from ..models.schedule import x0_from_eps
 from ..models.tiled_vae import decode_tiled, encode_tiled, tile_grid
 from .channels import merge_channels, split_channels
@@ -62,6 +63,7 @@ class UpscaleSettings:
     vae_encoder_tile: int | None = None
     vae_decoder_tile: int | None = None
     tile_batch: int = 4
+    vae_norm_stats: str = "auto"  # tiled VAE GroupNorm statistics: "auto", "exact" or "estimated" (bounded memory)
     seed: int | None = None  # None: use the latent mean (deterministic); int: sample, seeded
     output_size: str = "exact"  # "exact": scale x input; "native": the size the model worked at
     max_output_pixels: int = 8192 * 8192
@@ -77,11 +79,6 @@ class RunHooks:
     progress: Callable[[int, int], None] | None = None
     check_interrupt: Callable[[], None] | None = None
     warn: Callable[[str], None] = field(default=log.warning)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),) if t)
-    return isinstance(error, oom_types) or "out of memory" in str(error).lower()
 
 
 class _TileCounter:
@@ -220,7 +217,7 @@ class OneStepPipeline:
                         return torch.cat([self.restore(x[i : i + 1], settings, conditions.select(i), hooks)
                                           for i in range(x.shape[0])])
                     raise
-                _free_device_cache(self.device)
+                free_cached_memory(self.device)
                 hooks.warn(
                     f"out of memory; retrying with smaller tiles (latent {smaller.latent_tile}, "
                     f"VAE encoder {smaller.vae_encoder_tile}px, VAE decoder {smaller.vae_decoder_tile})"
@@ -258,7 +255,7 @@ class OneStepPipeline:
 
             return encode_tiled(vae, (images * 2 - 1).to(vae_dtype), tile_px=settings.vae_encoder_tile,
                                 pad_px=ENCODER_PAD_PX, tile_batch=settings.tile_batch, progress=report,
-                                check_interrupt=hooks.check_interrupt)
+                                check_interrupt=hooks.check_interrupt, norm_stats=settings.vae_norm_stats)
 
         if conditions.modulation is None:
             moments = run(x, 0)
@@ -303,13 +300,14 @@ class OneStepPipeline:
         vae_dtype = next(vae.parameters()).dtype
         image = decode_tiled(vae, z.to(vae_dtype), tile_latent=settings.vae_decoder_tile,
                              pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
-                             progress=progress, check_interrupt=hooks.check_interrupt)
+                             progress=progress, check_interrupt=hooks.check_interrupt,
+                             norm_stats=settings.vae_norm_stats)
         if vae_dtype != torch.float32 and not torch.isfinite(image).all():
             hooks.warn("the VAE produced NaN/inf in reduced precision; decoding again in fp32 (the VAE stays fp32)")
             vae.to(torch.float32)
             image = decode_tiled(vae, z.float(), tile_latent=settings.vae_decoder_tile,
                                  pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
-                                 check_interrupt=hooks.check_interrupt)
+                                 check_interrupt=hooks.check_interrupt, norm_stats=settings.vae_norm_stats)
         return image
 
     def _latent_from_moments(self, moments: torch.Tensor, seed: int | None) -> torch.Tensor:
@@ -384,8 +382,3 @@ def _halve_tiles(settings: UpscaleSettings) -> UpscaleSettings | None:
     if "latent_tile" in changes:
         changes["latent_overlap"] = min(settings.latent_overlap, changes["latent_tile"] // 3)
     return replace(settings, **changes)
-
-
-def _free_device_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

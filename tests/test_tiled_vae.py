@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from onestep_sr.models.tiled_vae import (
-    _combine_stats,
     _decode_lockstep,
     _encode_lockstep,
     decode_tiled,
     encode_tiled,
     tile_grid,
 )
+from onestep_sr.models.vae_steps import combine_stats
 
 # Forced-tiling settings on small inputs (the tiny VAE downsamples by 8, like SD).
 ENC_SIZE, ENC_TILE, ENC_PAD = (160, 224), 64, 32  # 12 encoder tiles of 128x128 px
@@ -153,7 +153,7 @@ def test_combine_stats_is_exact_and_robust_to_large_means():
     count = torch.tensor(sizes * 2, dtype=torch.float32)
     var, mean = zip(*(torch.var_mean(tile[b], dim=-1, correction=0) for b in range(2) for tile in tiles),
                     strict=True)
-    got_mean, got_var = _combine_stats(count, torch.stack(mean).float(), torch.stack(var).float(), n_images=2)
+    got_mean, got_var = combine_stats(count, torch.stack(mean).float(), torch.stack(var).float(), n_images=2)
     ref_var, ref_mean = torch.var_mean(torch.cat(tiles, dim=-1), dim=-1, correction=0)
     assert torch.allclose(got_mean.double(), ref_mean, rtol=1e-6)
     assert torch.allclose(got_var.double(), ref_var, rtol=1e-3)  # E[x^2]-E[x]^2 in fp32 would be ~100% off
