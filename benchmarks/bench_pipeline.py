@@ -6,6 +6,11 @@ measured in the same run. Each variant runs in its own process so peak memory is
     python benchmarks/bench_pipeline.py --size 512 --model sd21     # real SD-2 sizes, random weights
     python benchmarks/bench_pipeline.py --size 256 --model tiny     # quick smoke run
     python benchmarks/bench_pipeline.py --suite cfg --method s3diff --size 512   # cost of the CFG pass
+    python benchmarks/bench_pipeline.py --size 4096 --model tiny --skip "tiled, exact stats"  # bounded memory
+
+Tiles default to 96 latent / 1024 px encoder / 224 latent decoder. "exact" GroupNorm statistics hold
+every tile of a layer at once; "estimated" measures them on probe tiles and streams the tiles (bounded
+memory); "auto" picks exact when it fits in free memory.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ UNTILED = dict(latent_tile=4096, vae_encoder_tile=16384, vae_decoder_tile=4096)
 SUITES = {
     "tiling": {
         "untiled": UNTILED,
-        "tiled (defaults 96/1024/224)": dict(),
-        "tiled small (64/512/64)": dict(latent_tile=64, latent_overlap=16, vae_encoder_tile=512, vae_decoder_tile=64),
+        "tiled, auto stats": dict(),
+        "tiled, exact stats": dict(vae_norm_stats="exact"),
+        "tiled, estimated stats": dict(vae_norm_stats="estimated"),
+        "tiled small, estimated": dict(latent_tile=64, latent_overlap=16, vae_encoder_tile=512, vae_decoder_tile=64,
+                                       vae_norm_stats="estimated"),
     },
     "cfg": {  # S3Diff's second (negative) UNet pass, batched into the same call
         "no CFG (guidance 1)": dict(UNTILED, guidance=1.0),
@@ -131,13 +139,15 @@ def main() -> None:
     parser.add_argument("--suite", choices=list(SUITES), default="tiling",
                         help="tiling: untiled vs tiled; cfg: guidance 1 vs 1.07 (use with --method s3diff)")
     parser.add_argument("--method", choices=["osediff", "s3diff"], default="osediff")
+    parser.add_argument("--skip", action="append", default=[], metavar="VARIANT",
+                        help="leave a variant out (e.g. one that would not fit in memory); repeatable")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
     results = {}
-    for variant in SUITES[args.suite]:
+    for variant in [v for v in SUITES[args.suite] if v not in args.skip]:
         command = [sys.executable, __file__, "--size", str(args.size), "--model", args.model, "--dtype", args.dtype,
                    "--device", args.device, "--suite", args.suite, "--method", args.method, "--variant", variant]
         done = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -373,6 +373,8 @@ def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch
     height, width = x.shape[-2:]
     tiles = tile_grid(height, width, tile, pad, snap_multiple=part.multiple)
     mode = _choose_mode(norm_stats, part.module, part.decoder, x, tiles, tile_batch, memory_budget)
+    if x.shape[0] * len(tiles) <= tile_batch:
+        mode = "exact"  # all tiles fit in one batch: exact costs no more memory than streaming would
     if mode == "exact":
         try:
             return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,

@@ -251,7 +251,7 @@ def test_auto_is_exact_when_it_fits_and_estimated_when_it_does_not(vae, structur
 
 def test_auto_retries_with_estimated_statistics_after_out_of_memory(vae, monkeypatch, caplog):
     z = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(5))
-    options = dict(tile_latent=16, pad_latent=4)
+    options = dict(tile_latent=16, pad_latent=4, tile_batch=1)  # 3 tiles: more than one batch
     with torch.no_grad():
         estimated = decode_tiled(vae, z, norm_stats="estimated", **options)
 
@@ -265,6 +265,16 @@ def test_auto_retries_with_estimated_statistics_after_out_of_memory(vae, monkeyp
     assert "retrying with estimated" in caplog.text
     with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
         decode_tiled(vae, z, norm_stats="exact", **options)  # asked for exact: no silent change
+
+
+def test_estimated_runs_exact_when_all_tiles_fit_in_one_batch(vae):
+    """Streaming would hold one batch of every tile anyway: the exact statistics cost nothing more."""
+    z = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        exact = decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=3, norm_stats="exact")
+        one_batch = decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=3, norm_stats="estimated")
+        streamed = decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=2, norm_stats="estimated")
+    assert torch.equal(one_batch, exact) and not torch.equal(streamed, exact)
 
 
 def test_unknown_mode_is_refused(vae):
