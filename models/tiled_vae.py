@@ -45,7 +45,7 @@ NormStats = list[tuple[nn.GroupNorm, torch.Tensor, torch.Tensor]]
 NORM_STATS_MODES = ("auto", "exact", "estimated")
 MEMORY_HEADROOM = 0.7  # share of the free memory the exact run may plan to use
 PROBE_WORK_SHARE = 0.5  # the probe pass does at most this share of the tiles' work
-PROBE_CORE_SHARE = 4  # a probe's core side is the tile size divided by this
+PROBE_CORE_SHARE = 2  # a probe's core side is the tile size divided by this
 
 
 # --------------------------------------------------------------------------------------------------

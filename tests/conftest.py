@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -41,3 +42,15 @@ def osediff_pkl(tmp_path_factory, tiny_base):
     path = tmp_path_factory.mktemp("osediff") / "osediff.pkl"
     peft_unet, peft_vae = synthetic_weights.write_osediff_pkl(tiny_base, path)
     return path, peft_unet, peft_vae
+
+
+@pytest.fixture(scope="session")
+def vae(tiny_base):
+    """The tiny base's VAE (float32); tests must not modify it."""
+    return tiny_base.vae
+
+
+@pytest.fixture(scope="session")
+def vae64(tiny_base):
+    """A float64 copy of the tiny VAE, for checks that float32 rounding would blur."""
+    return copy.deepcopy(tiny_base.vae).double()

@@ -3,8 +3,6 @@ the tile grid, per-image statistics, batching invariance, progress and interrupt
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -18,25 +16,16 @@ from onestep_sr.models.tiled_vae import (
 from onestep_sr.models.vae_steps import combine_stats
 
 # Forced-tiling settings on small inputs (the tiny VAE downsamples by 8, like SD).
-ENC_SIZE, ENC_TILE, ENC_PAD = (160, 224), 64, 32  # 12 encoder tiles of 128x128 px
-DEC_SIZE, DEC_TILE, DEC_PAD = (24, 40), 16, 4  # 3 decoder tiles of 24x24 latent px
+ENC_SIZE, ENC_TILE, ENC_PAD = (160, 224), 64, 32  # 12 encoder tiles (cores ~56 px, pad 32)
+DEC_SIZE, DEC_TILE, DEC_PAD = (24, 40), 16, 4  # 3 decoder tiles (cores ~13 latent px, pad 4)
 
-# Tiled vs untiled on the tiny RANDOM VAE (measured: encoder mean|err| 0.0080, max 0.12 with output
-# std 0.29; decoder mean|err| 0.0084, max 0.39 with output std 0.39). The remaining error comes from
-# zero padding at tile borders and per-tile mid-block attention only; random weights make the receptive
-# field unusually influential, so these tolerances (about 2x the measurement) are loose on purpose.
-ENC_MEAN_TOL, ENC_MAX_TOL = 0.016, 0.25
-DEC_MEAN_TOL, DEC_MAX_TOL = 0.017, 0.8
-
-
-@pytest.fixture(scope="module")
-def vae(tiny_base):
-    return tiny_base.vae
-
-
-@pytest.fixture(scope="module")
-def vae64(tiny_base):
-    return copy.deepcopy(tiny_base.vae).double()
+# Tiled vs untiled on the tiny RANDOM VAE (measured: encoder mean|err| 0.0117, max 0.17 with output
+# std 0.29; decoder mean|err| 0.0145, max 0.69 with output std 0.39). The remaining error comes from
+# zero padding at tile borders (each core sees `pad` of context, as in the official hook) and per-tile
+# mid-block attention only; random weights make the receptive field unusually influential, so these
+# tolerances (about 1.7x the measurement) are loose on purpose.
+ENC_MEAN_TOL, ENC_MAX_TOL = 0.02, 0.3
+DEC_MEAN_TOL, DEC_MAX_TOL = 0.025, 1.2
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +158,12 @@ def test_tiled_close_to_untiled_and_sharing_matters(vae, images, latents):
     assert enc_mean < ENC_MEAN_TOL and enc_max < ENC_MAX_TOL, (enc_mean, enc_max)
     assert dec_mean < DEC_MEAN_TOL and dec_max < DEC_MAX_TOL, (dec_mean, dec_max)
 
-    # Negative control: naive per-tile statistics (measured ~5x worse on both).
+    # Negative control: naive per-tile statistics (measured 3.5x worse on the encoder, 2.9x on the decoder).
     with torch.no_grad():
         naive_enc = _encode_lockstep(vae, images, enc_tiles, shared_stats=False)
         naive_dec = _decode_lockstep(vae, latents, dec_tiles, shared_stats=False)
-    assert errors(naive_enc, ref_enc)[0] > 3 * enc_mean
-    assert errors(naive_dec, ref_dec)[0] > 3 * dec_mean
+    assert errors(naive_enc, ref_enc)[0] > 2.5 * enc_mean
+    assert errors(naive_dec, ref_dec)[0] > 2.5 * dec_mean
 
 
 # 5. The tile grid ------------------------------------------------------------------------------------
@@ -203,8 +192,13 @@ def test_tile_grid_partitions_the_image(height, width, tile, pad, multiple):
         assert c.right == width or w.right - c.right >= pad
     assert bool((cover == 1).all())  # every pixel in exactly one core
     assert max(t.window.bottom for t in tiles) == height and max(t.window.right for t in tiles) == width
-    # Full-size windows: the last row/column is snapped to the border instead of shrinking.
-    assert window_sizes == {(min(height, tile + 2 * pad), min(width, tile + 2 * pad))}
+    # Windows are the largest core plus pad on each side (overlap 2*pad, not more), and the last
+    # row/column is snapped to the border instead of shrinking.
+    largest_h = max(t.core.height for t in tiles)
+    largest_w = max(t.core.width for t in tiles)
+    assert window_sizes == {(min(height, largest_h + 2 * pad), min(width, largest_w + 2 * pad))}
+    for largest, size in ((largest_h, height), (largest_w, width)):
+        assert largest == size or largest <= tile + multiple  # balanced cores, not a remainder tile
 
 
 def test_tile_grid_single_tile_when_it_fits():
