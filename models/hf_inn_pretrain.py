@@ -137,7 +137,7 @@ def pretrain(folder: str | Path, output: str | Path, settings: PretrainSettings 
             optimizer.step()
             schedule.step()
             step += 1
-            last = float(loss)
+            last = float(loss.detach())
             first = last if math.isnan(first) else first
             if step % settings.log_every == 0:
                 log.info("train-inn: epoch %d step %d loss %.4f lr %.2e", epoch + 1, step, last,
