@@ -84,3 +84,12 @@ def alphas_cumprod_at(choice: TimestepChoice, alphas_cumprod: Tensor, candidates
     if not differentiable:
         return table[choice.index]
     return (choice.one_hot.to(torch.float64) * table).sum(dim=-1)
+
+
+def one_step_x0(latent: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """x0 = (z - sqrt(1 - a) eps) / sqrt(a) with a per-image alpha-bar (B,) that may carry gradient
+    (from `alphas_cumprod_at`); same value as `models.schedule.x0_from_eps` at the chosen t.
+    Computed in float32 or better, like the inference path."""
+    work = torch.float64 if latent.dtype == torch.float64 else torch.float32
+    a = alpha_bar.to(latent.device, work).reshape(-1, *([1] * (latent.dim() - 1)))
+    return (latent.to(work) - (1 - a).sqrt() * eps.to(work)) / a.sqrt()
