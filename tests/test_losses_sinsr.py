@@ -86,7 +86,7 @@ def test_distillation_terms_and_gradients_by_hand():
     xT_gt = a * s * z_gt                                               # the student's x_T of the GT (no grad)
     pred_gt = a * s * xT_gt + 2 * b
     mse_gt = (z_gt - pred_gt) ** 2                                     # consistency preserving
-    terms_now = {k: float(v.detach()) for k, v in terms.items() if k != "pred_zstart"}
+    terms_now = {k: float(v.detach()) for k, v in terms.items() if "pred" not in k}
     assert terms_now["mse"] == pytest.approx(mse, rel=1e-5)
     assert terms_now["mse_xT"] == pytest.approx(mse_xT, rel=1e-5)
     assert terms_now["mse_gt"] == pytest.approx(mse_gt, rel=1e-5)
@@ -104,7 +104,8 @@ def test_switches_and_the_hf_term():
     student = LinearStudent(0.9, 0.0)
     only = SinSRDistillationLoss(SCHEDULE, learn_xT=False, finetune_use_gt=0.0)
     terms = only(student, _scalar(1.0), _scalar(0.2))
-    assert set(terms) == {"mse", "loss", "pred_zstart"}
+    assert set(terms) == {"mse", "loss", "prediction", "pred_zstart"}
+    assert terms["prediction"].requires_grad and not terms["pred_zstart"].requires_grad
     torch.manual_seed(0)
     extractor = HFFeatureExtractor(HFInnConfig(channels=4, num_layers=1, hidden_channels=4)).eval()
     hf = HighFrequencyPerceptualLoss(extractor, reduction="none")

@@ -120,7 +120,10 @@ class SinSRDistillationLoss(nn.Module):
     def forward(self, student: Model, x_T: Tensor, z_teacher: Tensor, z_gt: Tensor | None = None,
                 model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """`x_T`: the prior sample the teacher started from; `z_teacher`: `deterministic_sample`'s
-        result for it; `z_gt`: the GT's latent (needed when finetune_use_gt > 0)."""
+        result for it; `z_gt`: the GT's latent (needed when finetune_use_gt > 0).
+
+        Returns per-image terms ("mse", "mse_xT", "mse_gt", "hf", their weighted sum "loss") and the
+        student's x0 from x_T ("prediction" with gradient, "pred_zstart" detached)."""
         kwargs = dict(model_kwargs or {})
         schedule = self.schedule
         last = torch.full((x_T.shape[0],), num_timesteps(schedule) - 1, device=x_T.device, dtype=torch.long)
@@ -147,5 +150,6 @@ class SinSRDistillationLoss(nn.Module):
                     raise ValueError("hf_loss must return one value per image (build it with reduction='none')")
                 loss = loss + self.finetune_use_gt * terms["hf"]
         terms["loss"] = loss
-        terms["pred_zstart"] = prediction.detach()
+        terms["prediction"] = prediction  # the student's x0 from x_T, with gradient (for image-space terms)
+        terms["pred_zstart"] = prediction.detach()  # the release's returned value
         return terms
