@@ -76,14 +76,16 @@ def choose_timesteps(logits: Tensor, candidates: Tensor = CANDIDATE_TIMESTEPS, t
 
 def alphas_cumprod_at(choice: TimestepChoice, alphas_cumprod: Tensor, candidates: Tensor = CANDIDATE_TIMESTEPS,
                       differentiable: bool = True) -> Tensor:
-    """alpha-bar at each image's t*, (B,) float64. Forward value = alphas_cumprod[t*] exactly (the
+    """alpha-bar at each image's t*, (B,) float64 (float32 on MPS). Forward value = alphas_cumprod[t*] exactly (the
     release's `t.long()` indexing). With `differentiable`, computed as one_hot @ alphas_cumprod[candidates]
     so the x0 formula also passes gradient to the logits (our default; the release's does not)."""
-    table = alphas_cumprod.to(torch.float64)[candidates.reshape(-1).long().to(alphas_cumprod.device)]
-    table = table.to(choice.one_hot.device)
+    table = alphas_cumprod.detach().cpu().to(torch.float64)[candidates.reshape(-1).long().cpu()]
+    device = choice.one_hot.device
+    work = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    table = table.to(device, work)
     if not differentiable:
         return table[choice.index]
-    return (choice.one_hot.to(torch.float64) * table).sum(dim=-1)
+    return (choice.one_hot.to(work) * table).sum(dim=-1)
 
 
 def one_step_x0(latent: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:

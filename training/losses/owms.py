@@ -81,11 +81,12 @@ class TextPerceptualAlignmentLoss(FrozenNetLoss):
     def per_image(self, image_embeds: Tensor, content_embeds: Tensor | None = None) -> Tensor:
         """The loss of each image from its (unnormalised) CLIP embedding (B, D)."""
         e = F.normalize(image_embeds.float(), dim=-1)
-        cos_pos = e @ self.positive.T  # (B, K)
+        positive, negative = self.positive.to(e), self.negative.to(e)
+        cos_pos = e @ positive.T  # (B, K)
         if self.mode == "cosine":
             loss = (1 - cos_pos).mean(dim=1)
         else:
-            logits = self.scale().to(e.device) * torch.stack([cos_pos, e @ self.negative.T], dim=-1)
+            logits = self.scale().to(e.device) * torch.stack([cos_pos, e @ negative.T], dim=-1)
             loss = (1 - logits.softmax(dim=-1)[..., 0]).mean(dim=1)
         if content_embeds is not None and self.content_weight:
             if content_embeds.shape != image_embeds.shape:

@@ -54,8 +54,8 @@ class ToySchedule:
 def _at(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """values[t] per image, broadcast to `like`, in float64 then cast to like's dtype (the release
     computes its tables in float64 and extracts as float32)."""
-    picked = values.to(torch.float64).to(t.device)[t.long()].to(like.dtype)
-    return picked.reshape(-1, *([1] * (like.dim() - 1)))
+    picked = values.detach().cpu().to(torch.float64)[t.detach().cpu().long()]  # float64 on the CPU (MPS has none)
+    return picked.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def num_timesteps(schedule: ShiftSchedule) -> int:
