@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="say which method a weights file holds")
     info.add_argument("weights")
+    from .models import hf_inn_pretrain  # sub-commands in their own modules set args.handler
+
+    hf_inn_pretrain.add_parser(commands)
     return parser
 
 
@@ -298,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"upscale": run_upscale, "convert": run_convert, "info": run_info, "estimate": run_estimate,
                 "timestep": run_timestep, "tags": run_tags}
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        return handlers.get(args.command, getattr(args, "handler", None))(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         print(f"onestep-sr: error: {error}", file=sys.stderr)
         return 2
 
