@@ -1,0 +1,75 @@
+"""Tiny training fixtures: random feature networks in the real file layouts, small image folders and
+configs pointing at the tiny SD-2-shaped base. Nothing here is used at run time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+TINY_WIDTHS = (4, 4, 6, 6, 8, 8, 8, 8, 8, 8, 8, 8, 8)  # real VGG16: 64,64,128,128,256x3,512x6
+
+
+def write_feature_networks(folder: Path, seed: int = 0) -> Path:
+    """vgg16-397923af.pth (torchvision `features.N` keys) and lpips_vgg.pth (`linK.model.1.weight`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    state, channels = {}, 3
+    for index, width in zip(VGG_CONVS, TINY_WIDTHS, strict=True):
+        state[f"features.{index}.weight"] = torch.randn(width, channels, 3, 3, generator=g) * (2 / (9 * channels)) ** 0.5
+        state[f"features.{index}.bias"] = torch.randn(width, generator=g) * 0.01
+        channels = width
+    torch.save(state, folder / "vgg16-397923af.pth")
+    taps = (TINY_WIDTHS[1], TINY_WIDTHS[3], TINY_WIDTHS[6], TINY_WIDTHS[9], TINY_WIDTHS[12])
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(taps)}
+    torch.save(lins, folder / "lpips_vgg.pth")
+    return folder
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> list[Path]:
+    """Smooth random RGB images (low-frequency noise upsampled), PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(count):
+        low = torch.rand(1, 3, size[0] // 8, size[1] // 8, generator=g)
+        image = torch.nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_pairs(root: Path, count: int, size: int = 64, scale: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    hr = write_images(root / "hr", count, (size, size), seed)
+    (root / "lr").mkdir(parents=True, exist_ok=True)
+    for path in hr:
+        with Image.open(path) as image:
+            image.resize((size // scale, size // scale), Image.BICUBIC).save(root / "lr" / path.name)
+    return root / "hr", root / "lr"
+
+
+def tiny_config(tmp: Path, base_dir: Path, features: Path, train: Path, **overrides) -> dict:
+    config = {
+        "method": "osediff",
+        "output_dir": str(tmp / "run"),
+        "seed": 3,
+        "data": {"train": str(train), "crop": 64, "workers": 0, "pin_memory": False, "flip": True},
+        "degradation": {"preset": "osediff"},
+        "model": {"base": str(base_dir), "feature_networks": str(features), "lora_rank": 4, "fake_lora_rank": 4},
+        "loss": {"mse": 1.0, "lpips": 2.0, "vsd": 1.0},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 2, "max_steps": 3, "mixed_precision": "no", "checkpoint_every": 1000,
+                  "validate_every": 1000, "log_every": 1, "device": "cpu"},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    return config

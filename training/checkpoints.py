@@ -1,0 +1,84 @@
+"""Checkpoints: the published method file (osediff.pkl) + the pack's safetensors export, and the full
+resume state (trainable weights, optimisers, schedulers, grad scaler, RNG, step, config).
+
+A checkpoint folder is written under a temporary name and renamed when complete, so an interrupted
+save never leaves a half-written checkpoint; an existing folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.weights_io import write_safetensors_export
+
+STATE_FILE = "training_state.pt"
+PREFIX = "step-"
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def write_checkpoint(output_dir: Path, step: int, method: str, published: dict[str, Any],
+                     state: dict[str, Any], keep: int) -> Path:
+    final = checkpoint_dir(output_dir, step)
+    if final.exists():
+        return final
+    temporary = final.with_name(final.name + ".partial")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    torch.save(published, temporary / f"{method}.pkl")
+    write_safetensors_export(published, temporary / f"{method}.safetensors", method)
+    torch.save(state, temporary / STATE_FILE)
+    os.replace(temporary, final)
+    _prune(output_dir, keep)
+    return final
+
+
+def _prune(output_dir: Path, keep: int) -> None:
+    found = list_checkpoints(output_dir)
+    for old in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and not p.name.endswith(".partial") and (p / STATE_FILE).is_file())
+
+
+def resolve_resume(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's output folder (its latest checkpoint)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise FileNotFoundError(f"no training checkpoint in {path.resolve()} (expected {STATE_FILE} in it or in "
+                            f"checkpoints/{PREFIX}*/)")
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
