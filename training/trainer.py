@@ -253,6 +253,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
         from .losses.lpips import LPIPSVGG
 
         lpips = LPIPSVGG.from_folder(config.model.feature_networks).to(device)
+    torch.manual_seed(config.seed)  # LoRA A initialisation (peft's "gaussian") draws from the global RNG
     recipe = OSEDiffRecipe(config, base, device, lpips)
     model = recipe.model
     gen_named, fake_named = recipe.param_groups()
