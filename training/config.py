@@ -16,7 +16,7 @@ from typing import Any
 
 METHODS = ("osediff", "s3diff")
 DEGRADATION_PRESETS = ("osediff", "s3diff", "resshift")
-PROMPT_SOURCES = ("empty", "caption", "tags")
+PROMPT_SOURCES = ("empty", "caption")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOGGERS = ("csv", "tensorboard")
 
@@ -58,8 +58,7 @@ class DataConfig:
     pin_memory: bool = _f(True)
     cache_decoded: bool = _f(False, doc="keep decoded images in memory (small datasets)")
     prompts: str = _f("empty", choices=PROMPT_SOURCES,
-                      doc="empty; caption (a .txt beside each image); tags (the pack's CLIP tagger, cached)")
-    clip: str | None = _f(None, doc="transformers CLIPModel folder for prompts: tags")
+                      doc="empty; caption (a .txt beside each image, e.g. written from `onestep-sr tags`)")
     validation_count: int = _f(8, 0, 10000)
 
 
@@ -251,7 +250,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.validat
                      "train.logger", "train.keep_checkpoints", "data.workers", "data.pin_memory",
                      "data.validation", "data.validation_lr", "data.validation_count", "output_dir",
                      "model.feature_networks", "train.device", "model.base", "model.tokenizer", "model.de_net",
-                     "data.train", "data.train_lr", "data.clip"}
+                     "data.train", "data.train_lr"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
