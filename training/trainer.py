@@ -244,6 +244,10 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
     device = accelerator.device
     main = accelerator.is_main_process
     if main:
+        log.info("training %s on %d process(es) (%s), batch %d each x %d accumulation = %d per optimizer step",
+                 config.method, accelerator.num_processes, device, config.train.batch_size, accum,
+                 config.train.batch_size * accum * accelerator.num_processes)
+    if main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     base = load_base(config.model.base, config.model.tokenizer)
@@ -392,7 +396,7 @@ class _null:
 def _mean_over_processes(accelerator, sums: dict[str, float]) -> dict[str, float]:
     if accelerator.num_processes == 1:
         return dict(sums)
-    keys = sorted(sums)
+    keys = list(sums)
     values = torch.tensor([sums[k] for k in keys], device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean")
     return {k: float(v) for k, v in zip(keys, values.tolist(), strict=True)}
