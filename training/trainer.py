@@ -100,30 +100,32 @@ class _Interrupt:
 
 
 class Logger:
-    """CSV (always) and TensorBoard (when chosen and installed) on the main process."""
+    """CSV files (always: log.csv for losses, validation.csv for validation metrics) and TensorBoard
+    (when chosen and installed), on the main process only."""
 
     def __init__(self, folder: Path, kind: str, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = folder / "log.csv"
+        self.folder = folder
         self.writer = None
-        self.fields: list[str] | None = None
+        self.fields: dict[str, list[str]] = {}
         if enabled and kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(folder / "tensorboard"))
             except ImportError:
-                log.warning("tensorboard is not installed (pip install tensorboard); logging to %s only", self.path)
+                log.warning("tensorboard is not installed (pip install tensorboard); logging to CSV in %s only", folder)
 
-    def write(self, step: int, values: dict[str, float]) -> None:
+    def write(self, step: int, values: dict[str, float], name: str = "log.csv") -> None:
         if not self.enabled:
             return
+        path = self.folder / name
         row = {"step": step, **values}
-        new = not self.path.exists()
-        if self.fields is None:
-            self.fields = list(row) if new else self.path.read_text().splitlines()[0].split(",")
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
+        new = not path.exists()
+        if name not in self.fields:
+            self.fields[name] = list(row) if new else path.read_text().splitlines()[0].split(",")
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields[name], extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -364,7 +366,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
                     from .validation import validate
 
                     metrics = validate(config, recipe.published(unwrapped), step, device)
-                    logger.write(step, metrics)
+                    logger.write(step, metrics, "validation.csv")
         except Exception as error:
             if is_out_of_memory(error):
                 raise TrainingError(
