@@ -80,6 +80,18 @@ def test_unreadable_and_small_images_are_counted_and_named(tmp_path, caplog):
         TrainImages(tmp_path / "empty", crop=64)
 
 
+def test_a_file_that_fails_to_decode_is_replaced_and_reported(tmp_path, caplog):
+    paths = tf.write_images(tmp_path, 2, (64, 64))
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: len(data) // 3])  # the header survives, the pixels do not
+    dataset = TrainImages(tmp_path, crop=64)
+    assert len(dataset) == 2
+    with caplog.at_level(logging.WARNING, logger="onestep_sr.training"):
+        item = dataset[(0, 1, 0)]
+    assert item["gt"].shape == (3, 64, 64)
+    assert "cannot decode" in caplog.text and "img000.png" in caplog.text
+
+
 def test_paired_crops_align_and_list_files_work(tmp_path):
     hr, lr = tf.write_pairs(tmp_path, 2, size=64)
     listing = tmp_path / "list.txt"

@@ -46,9 +46,9 @@ def list_images(source: str | Path) -> list[Path]:
 
 
 def _probe(path: Path) -> tuple[int, int] | None:
+    """(H, W) from the header only (a full decode of 85k images at start-up would take minutes); files
+    that pass this but fail to decode later are replaced in their batch and reported then."""
     try:
-        with Image.open(path) as image:
-            image.verify()
         with Image.open(path) as image:
             return image.size[1], image.size[0]
     except Exception:  # noqa: BLE001 - any failure means the file is unusable
@@ -91,6 +91,11 @@ class TrainImages(torch.utils.data.Dataset):
         if not paths:
             raise DatasetError(f"no images in {folder} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})")
         samples, unreadable, small, no_pair = [], [], [], []
+        partners: dict[str, Path] = {}
+        if lr_folder is not None:
+            for candidate in sorted(Path(lr_folder).rglob("*")):
+                if candidate.suffix.lower() in IMAGE_SUFFIXES:
+                    partners.setdefault(candidate.stem, candidate)
         for path in paths:
             size = _probe(path) if path.is_file() else None
             if size is None:
@@ -98,11 +103,10 @@ class TrainImages(torch.utils.data.Dataset):
                 continue
             lr_path = None
             if lr_folder is not None:
-                matches = [p for p in Path(lr_folder).glob(path.stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES]
-                if not matches or _probe(matches[0]) is None:
+                lr_path = partners.get(path.stem)
+                if lr_path is None or _probe(lr_path) is None:
                     no_pair.append(path.name)
                     continue
-                lr_path = matches[0]
             if min(size) < crop:
                 small.append(path.name)
                 if small_images == "skip":
@@ -152,7 +156,15 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         index, draw_seed, position = key
-        hr, lr = self._load(index)
+        for _attempt in range(len(self.samples)):
+            try:
+                hr, lr = self._load(index)
+                break
+            except Exception as error:  # noqa: BLE001 - a file that cannot be decoded must not stop training
+                log.warning("cannot decode %s (%s); using the next image instead", self.samples[index].path, error)
+                index = (index + 1) % len(self.samples)
+        else:
+            raise DatasetError("no image of the dataset can be decoded")
         generator = torch.Generator().manual_seed(int(draw_seed))
         if lr is None:
             hr = self._fit(hr, self.crop)

@@ -158,6 +158,9 @@ class OSEDiffTrainModel(nn.Module):
             noise = per_sample_randn(tuple(z0.shape[1:]), random.stream(2), lq.device).to(z0)
             grad = self.vsd_gradient(z0, embeds, negative, t, noise)
             losses["vsd"] = self.vsd_loss(z0, grad) * self.weights["vsd"]
+            # Gradient checkpointing re-runs the generator's UNet blocks during backward with whatever
+            # adapters are active then: switch back from the score passes before returning.
+            activate(self.unet, GENERATOR)
         losses["total"] = sum(v for k, v in losses.items())
         losses["z0"] = z0.detach()
         return losses
