@@ -234,7 +234,7 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
     the generator. (VSD itself measures the distance to a random tiny 'real' UNet: no target to reach.)"""
     base, hr, lr = _reachable_pair(tmp_path, tiny_base)
     first, last = _overfit(tmp_path / "rec", base, features, hr, lr, {"mse": 1.0, "lpips": 2.0, "vsd": 0.0})
-    assert last["total"] < 0.9 * first["total"] and last["lpips"] < 0.9 * first["lpips"], (first, last)
+    assert last["total"] < 0.95 * first["total"] and last["lpips"] < 0.95 * first["lpips"], (first, last)
     assert last["mse"] < first["mse"], (first, last)
     first, last = _overfit(tmp_path / "vsd", base, features, hr, lr, {"mse": 1.0, "lpips": 2.0, "vsd": 1.0})
     assert last["fake"] < 0.95 * first["fake"], (first, last)
