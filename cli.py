@@ -111,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="osediff.pkl (or an export .safetensors)")
     conv.add_argument("target", help="output .safetensors (or .pkl)")
 
-    from .training.cli import add_parser as add_train_parser
-
-    add_train_parser(commands)
     info = commands.add_parser("info", help="say which method a weights file holds")
     info.add_argument("weights")
     from .models import hf_inn_pretrain  # sub-commands in their own modules set args.handler
 
     hf_inn_pretrain.add_parser(commands)
+    from .training import cli as training_cli
+
+    training_cli.add_parser(commands)
     return parser
 
 
@@ -298,17 +298,11 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from .training.cli import run_train
-
-    return run_train(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     handlers = {"upscale": run_upscale, "convert": run_convert, "info": run_info, "estimate": run_estimate,
-                "timestep": run_timestep, "tags": run_tags, "train": _run_train}
+                "timestep": run_timestep, "tags": run_tags}
     try:
         return handlers.get(args.command, getattr(args, "handler", None))(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:

@@ -21,6 +21,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train OSEDiff on your images (needs the [train] extra)",
                                    description=DESCRIPTION)
     add_arguments(parser)
+    parser.set_defaults(handler=run_train)
     return parser
 
 
