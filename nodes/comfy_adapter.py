@@ -6,8 +6,10 @@ Everything is imported lazily inside functions so the pack's package imports wit
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +196,61 @@ def comfy_base_state(model: Any, clip: Any, vae: Any) -> dict[str, Any]:
             prefix = key.split("transformer.text_model.")[0] + "transformer."
             break
     return {"unet": unet_state, "vae": vae_state, "text": clip_state, "text_prefix": prefix}
+
+
+PREDICTION_NAMES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+
+
+def model_prediction(model: Any) -> str:
+    """'epsilon', 'v_prediction', another ModelType name in lower case (flow, edm...), or 'unknown'."""
+    model_type = getattr(getattr(model, "model", None), "model_type", None)
+    if model_type is None:
+        return "unknown"
+    name = str(getattr(model_type, "name", model_type)).upper()
+    return PREDICTION_NAMES.get(name, name.lower())
+
+
+def patch_count(patcher: Any) -> int:
+    """How many weights carry ComfyUI patches (LoraLoader and friends) on a MODEL or CLIP."""
+    patches = getattr(patcher, "patches", None)
+    if patches is None:
+        patches = getattr(getattr(patcher, "patcher", None), "patches", None)
+    return len(patches or {})
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """Text under the node in the browser (ComfyUI's progress text); a no-op outside a server run."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, node_id)
+
+
+class _NodeWarnings(logging.Handler):
+    """Collects the pack's warnings during one node run and shows them all under that node."""
+
+    def __init__(self, node_id: str | None):
+        super().__init__(level=logging.WARNING)
+        self.node_id = node_id
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append("Warning: " + record.getMessage())
+        show_text(self.node_id, "\n".join(self.messages))
+
+
+@contextmanager
+def ui_warnings(node_id: str | None) -> Iterator[_NodeWarnings]:
+    """Route the 'onestep_sr' logger's warnings to the node's UI text (they still reach the console)."""
+    logger = logging.getLogger("onestep_sr")
+    handler = _NodeWarnings(node_id)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
