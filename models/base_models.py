@@ -133,6 +133,7 @@ FAMILY_NAMES = {"sd1": "an SD-1.x", "sdxl": "an SDXL", "unknown": "not a Stable 
 # far from its zero init; epsilon models (512-base, Turbo) stay close to it.
 V_PRED_PROBE_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PRED_PROBE_STD = 0.09
+V_PRED_PROBE_WIDTH = 320  # SD-2's last output block (the full-size layout the rule was made for)
 
 
 def needed_base(kind: str | None = None) -> str:
@@ -172,7 +173,8 @@ def prediction_from_state(state: Mapping[str, torch.Tensor]) -> str:
         return "v_prediction"
     for prefix in ("model.diffusion_model.", ""):
         bias = state.get(prefix + V_PRED_PROBE_KEY)
-        if bias is not None and bias.numel() > 1:
+        # only on the real SD-2 layout (width 1024), where the 0.09 threshold was calibrated
+        if bias is not None and bias.numel() == V_PRED_PROBE_WIDTH:
             std = float(bias.float().std(unbiased=False))
             return "v_prediction" if std > V_PRED_PROBE_STD else "epsilon"
     return "epsilon"
