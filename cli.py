@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .pipelines.color_fix import COLOR_FIX_METHODS
+
 log = logging.getLogger("onestep_sr")
 
 
@@ -52,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prompt", default=None,
                     help="text prompt (OSEDiff was trained with 'tag1, tag2, ...'); 'auto': CLIP tags (needs --clip)")
     up.add_argument("--clip", default=None, help="a transformers CLIPModel folder, for --prompt auto")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
+    up.add_argument("--color-fix", choices=list(COLOR_FIX_METHODS), default=None,
                     help="colour correction against the upscaled input (default: the method's)")
+    up.add_argument("--color-fix-strength", type=float, default=1.0, help="0..1 blend of fixed and raw output")
     up.add_argument("--latent-tile", type=int, default=None, help="UNet tile size in latent px (default 96)")
     up.add_argument("--latent-overlap", type=int, default=None, help="UNet tile overlap in latent px (default 32)")
     up.add_argument("--vae-encoder-tile", type=int, default=None, help="VAE encoder tile in image px (default 1024)")
@@ -149,6 +152,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     degradation = _parse_degradation(args.degradation)
     settings = UpscaleSettings(
         scale=args.scale, prompt=args.prompt, color_fix=args.color_fix, latent_tile=args.latent_tile,
+        color_fix_strength=args.color_fix_strength,
         latent_overlap=args.latent_overlap, vae_encoder_tile=args.vae_encoder_tile,
         vae_decoder_tile=args.vae_decoder_tile, tile_batch=args.tile_batch, seed=args.seed,
         vae_norm_stats=args.vae_stats, output_size=args.output_size, max_output_pixels=args.max_pixels,

@@ -58,6 +58,7 @@ class UpscaleSettings:
     scale: float = 4.0
     prompt: str | None = None  # None: the method's default prompt
     color_fix: str | None = None  # None: the method's default
+    color_fix_strength: float = 1.0  # blend of the colour-fixed and the raw output (0..1)
     latent_tile: int | None = None
     latent_overlap: int | None = None
     vae_encoder_tile: int | None = None
@@ -163,7 +164,7 @@ class OneStepPipeline:
         x = apply_resize_plan(parts.rgb.to(self.device), plan)  # the upscaled input, [0, 1]
         conditions = self.conditions(parts.rgb, x, settings)
         restored = self._run_with_oom_fallback(x, settings, conditions, hooks)
-        restored = color_fix(restored, x, settings.color_fix)
+        restored = color_fix(restored, x, settings.color_fix, settings.color_fix_strength)
         out_hw = plan.target_hw if settings.output_size == "exact" else plan.model_hw
         if tuple(restored.shape[-2:]) != tuple(out_hw):
             restored = resize_image(restored, out_hw, self.model.method.upscale_filter).clamp(0, 1)
