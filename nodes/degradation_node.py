@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..pipelines.onestep import check_degradation
-from .handle import MODEL_TYPE
-
-DEGRADATION_TYPE = "SR_DEGRADATION"
+from .handle import DEGRADATION_TYPE, MODEL_TYPE
 
 
 class OneStepSRDegradationEstimator:
