@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import cli as training_cli
 
     training_cli.add_parser(commands)
+
+    from .downloads.cli import add_parser as add_fetch_weights
+
+    add_fetch_weights(commands)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 WEIGHTS_FOLDER = "onestep_sr"
 WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors"}
+SAMPLE_INPUT = Path(__file__).resolve().parents[1] / "workflows" / "onestep_sr_sample.png"
 
 
 def register_weights_folder() -> None:
@@ -37,6 +39,20 @@ def register_if_hosted() -> None:
     except ImportError:
         return
     register_weights_folder()
+    install_sample_input()
+
+
+def install_sample_input() -> None:
+    """Copy the shipped workflows' small sample image into ComfyUI's input folder, so a template opened
+    unchanged runs. Never overwrites: an existing file of that name is left as it is."""
+    import folder_paths
+
+    try:
+        target = Path(folder_paths.get_input_directory()) / SAMPLE_INPUT.name
+        if SAMPLE_INPUT.is_file() and target.parent.is_dir() and not target.exists():
+            shutil.copyfile(SAMPLE_INPUT, target)
+    except OSError as error:  # a read-only input folder must not stop the pack from loading
+        logging.getLogger("onestep_sr").warning("could not copy %s to the input folder: %s", SAMPLE_INPUT.name, error)
 
 
 def list_files(folder: str) -> list[str]:

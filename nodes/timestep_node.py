@@ -28,7 +28,7 @@ class OneStepSRTimestep:
                     "default": "sample",
                     "tooltip": "sample: draw t from the DTSM's distribution as the release does (seeded, so "
                                "reproducible); argmax: the most likely t; fixed: use fixed_timestep."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": "fixed",
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed for mode = sample."}),
                 "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 8.0, "step": 0.5,
                                     "tooltip": "Use the same scale as OneStep Upscale: the DTSM looks at the "

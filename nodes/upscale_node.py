@@ -83,7 +83,7 @@ class OneStepSRUpscale:
                     "default": "mean",
                     "tooltip": "mean: deterministic VAE latent. sample: draw it with the seed, as the "
                                "official code does (slightly different each seed)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": "fixed",
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed for latent sampling (latent = sample) and for Hero-SR's own "
                                             "timestep choice when no timestep is connected."}),
             },

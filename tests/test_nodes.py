@@ -4,6 +4,7 @@ and the same image as the CLI for the same settings."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +134,10 @@ def test_node_schema_conventions(comfy):
         for section in ("required", "optional"):
             for name, spec in types.get(section, {}).items():
                 if name in ("seed", "noise_seed"):  # a seed that re-runs the node on every Queue surprises
-                    assert spec[1].get("control_after_generate") == "fixed", f"{node_id}.{name}"
+                    # the control widget is declared (bool: a string would become the widget's *name* in
+                    # frontend 1.2x) and web/js/onestep_sr.js sets it to "fixed" on new nodes of the pack
+                    assert spec[1].get("control_after_generate") is True, f"{node_id}.{name}"
+                    assert node_id.startswith("OneStepSR_")
         for kind in node_class.RETURN_TYPES:
             assert kind in ("IMAGE", "MASK", "INT", "FLOAT", "STRING") or kind.startswith("ONESTEP_SR_"), kind
         assert "(OSEDiff)" not in node_class.DESCRIPTION
@@ -142,5 +146,9 @@ def test_node_schema_conventions(comfy):
     assert optional["degradation"][0].split(",") == [OneStepSRDegradationEstimator.RETURN_TYPES[0], "SR_DEGRADATION"]
     assert list(optional)[-4:] == ["color_fix_strength", "tile_batch", "max_megapixels", "mask"]  # appended
     assert OneStepSRUpscale.RETURN_TYPES == ("IMAGE", "MASK")  # MASK appended after IMAGE
+    import onestep_sr
+
+    script = (Path(onestep_sr.__file__).parent / onestep_sr.WEB_DIRECTORY / "js" / "onestep_sr.js").read_text()
+    assert 'PACK_PREFIX = "OneStepSR_"' in script and 'widget.value = "fixed"' in script
     loader_optional = OneStepSRLoader.INPUT_TYPES()["optional"]
     assert all(loader_optional[name][1].get("lazy") for name in ("model", "clip", "vae"))
