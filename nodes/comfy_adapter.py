@@ -120,6 +120,14 @@ def comfy_tokenizer_dir() -> Path:
     return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
 
 
+def cache_folder() -> Path | None:
+    """Where the pack keeps computed caches (tag embeddings): a folder in ComfyUI's user directory."""
+    import folder_paths
+
+    get_user_directory = getattr(folder_paths, "get_user_directory", None)
+    return Path(get_user_directory()) / "onestep_sr_cache" if get_user_directory else None
+
+
 def torch_device() -> torch.device:
     import comfy.model_management
 

@@ -55,6 +55,7 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
 
     (root / "input").mkdir(exist_ok=True)
     folder_paths.get_input_directory = lambda: str(root / "input")
+    folder_paths.get_user_directory = lambda: str(root / "user")
     folder_paths.add_model_folder_path = add_model_folder_path
     folder_paths.get_folder_paths = get_folder_paths
     folder_paths.get_filename_list = get_filename_list
