@@ -295,8 +295,10 @@ def _optional_flags(flags: dict[str, list[str]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def comfy(layout, cli_reference, tmp_path_factory):
+def comfy(layout, request, tmp_path_factory):
     """ComfyUI running with this repo installed as custom_nodes/OneStep-SR_test_<random>."""
+    if any(item.name == "test_comfyui_matches_cli" for item in request.session.items):
+        request.getfixturevalue("cli_reference")  # before the server starts: one full-size model at a time
     folder = f"OneStep-SR_test_{secrets.token_hex(4)}"
     link = COMFY_ROOT / "custom_nodes" / folder
     log_path = tmp_path_factory.mktemp("comfy_log") / "comfyui.log"
