@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 WEIGHTS_FOLDER = "onestep_sr"
-WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors"}
+WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors", ".yaml", ".yml"}  # YAML: ResShift-family configs
 
 
 def register_weights_folder() -> None:

@@ -13,6 +13,9 @@ from . import comfy_adapter as comfy
 from .handle import MODEL_TYPE, OneStepHandle
 
 FROM_INPUTS = "(use the MODEL/CLIP/VAE inputs)"
+SHIPPED_CONFIG = "(published model sizes)"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+AUTOENCODER_FILE = "autoencoder_vq_f4.pth"
 DIFFUSERS_PREFIX = "diffusers/"
 
 
@@ -21,7 +24,8 @@ class OneStepSRLoader:
         "Loads a one-step diffusion SR model: an SD-2.x base (SD-2.1-base for OSEDiff, SD-Turbo for S3Diff and "
         "Hero-SR) plus the method's weights from models/onestep_sr (osediff.pkl, s3diff.pkl + de_net.pth, "
         "hero_sr_model.pkl). The base comes from the MODEL/CLIP/VAE of a Load Checkpoint node, or from a "
-        "checkpoint file / diffusers folder chosen here."
+        "checkpoint file / diffusers folder chosen here. SinSR, HF-Diff and ResShift (SinSR_v1.pth, HF-Diff.pth, "
+        "resshift_realsrx4_s15_v2.pth, ...) need no base: they use autoencoder_vq_f4.pth from models/onestep_sr."
     )
     CATEGORY = "image/upscaling/OneStep SR"
     FUNCTION = "load"
@@ -32,14 +36,17 @@ class OneStepSRLoader:
     @classmethod
     def INPUT_TYPES(cls):
         comfy.register_weights_folder()
+        files = comfy.list_files(comfy.WEIGHTS_FOLDER)
         bases = [FROM_INPUTS, *comfy.list_files("checkpoints"),
                  *(DIFFUSERS_PREFIX + name for name in comfy.list_diffusers_folders())]
         return {
             "required": {
-                "weights": (comfy.list_files(comfy.WEIGHTS_FOLDER), {
+                "weights": ([f for f in files if not f.lower().endswith(CONFIG_SUFFIXES)], {
                     "tooltip": "Method weights in models/onestep_sr: osediff.pkl, s3diff.pkl (with de_net.pth "
                                "in the same folder) or hero_sr_model.pkl, or their .safetensors exports "
-                               "(onestep-sr convert). The method is recognised from the file."}),
+                               "(onestep-sr convert); HF-Diff.pth, SinSR_v1/_v2.pth or resshift_realsrx4_*.pth "
+                               "(with autoencoder_vq_f4.pth in the same folder; keep the published names). "
+                               "The method is recognised from the file."}),
                 "base": (bases, {
                     "tooltip": "The SD-2.x base: a single-file checkpoint in models/checkpoints, a diffusers "
                                "folder in models/diffusers, or the MODEL/CLIP/VAE inputs of this node."}),
@@ -53,14 +60,21 @@ class OneStepSRLoader:
                 "model": ("MODEL", {"tooltip": "SD-2.1-base MODEL from Load Checkpoint (when base is from inputs)."}),
                 "clip": ("CLIP", {"tooltip": "Its CLIP, from the same Load Checkpoint."}),
                 "vae": ("VAE", {"tooltip": "Its VAE, from the same Load Checkpoint."}),
+                "model_config": ([SHIPPED_CONFIG, *(f for f in files if f.lower().endswith(CONFIG_SUFFIXES))], {
+                    "default": SHIPPED_CONFIG,
+                    "tooltip": "ResShift/SinSR/HF-Diff only: an official-format YAML in models/onestep_sr for a "
+                               "model of another size (your own training). Ignored by the SD methods."}),
             },
         }
 
-    def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None):
-        base_models = self._load_base(base, model, clip, vae)
+    def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None,
+             model_config: str = SHIPPED_CONFIG):
         weights_path = comfy.full_path(comfy.WEIGHTS_FOLDER, weights)
         de_net = comfy.find_file(comfy.WEIGHTS_FOLDER, "de_net.pth")  # S3Diff's estimator, if present
-        onestep = load_onestep_model(base_models, weights_path, de_net_path=de_net)
+        config = None if model_config == SHIPPED_CONFIG else comfy.full_path(comfy.WEIGHTS_FOLDER, model_config)
+        onestep = load_onestep_model(lambda: self._load_base(base, model, clip, vae), weights_path,
+                                     de_net_path=de_net, model_config=config,
+                                     autoencoder_path=comfy.find_file(comfy.WEIGHTS_FOLDER, AUTOENCODER_FILE))
         device = comfy.torch_device()
         torch_dtype = comfy.default_dtype(device) if dtype == "auto" else DTYPES[dtype]
         onestep.to(comfy.offload_device(), torch_dtype)

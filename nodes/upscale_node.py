@@ -13,8 +13,10 @@ METHOD_DEFAULT = "method default"
 
 class OneStepSRUpscale:
     DESCRIPTION = (
-        "Upscales images with one diffusion UNet pass (OSEDiff): resize x scale, VAE encode, one UNet step, "
-        "decode, colour fix. Large images are tiled; the progress bar counts tiles."
+        "Upscales images with one diffusion UNet pass (OSEDiff, S3Diff, Hero-SR): resize x scale, VAE encode, "
+        "one UNet step, decode, colour fix; large images are tiled. SinSR and HF-Diff run one Swin-UNet step in "
+        "a VQ latent, ResShift its 15/4-step sampler; they ignore prompt, CFG, timestep, degradation and tile "
+        "inputs (a note is logged), use the seed for their noise and chop big inputs into 512-px patches."
     )
     CATEGORY = "image/upscaling/OneStep SR"
     FUNCTION = "upscale"
@@ -53,8 +55,9 @@ class OneStepSRUpscale:
                     "tooltip": "mean: deterministic VAE latent. sample: draw it with the seed, as the "
                                "official code does (slightly different each seed)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seed for latent sampling (latent = sample) and for Hero-SR's own "
-                                            "timestep choice when no timestep is connected."}),
+                                 "tooltip": "Seed for latent sampling (latent = sample), for Hero-SR's own "
+                                            "timestep choice when no timestep is connected, and for the noise "
+                                            "of SinSR/HF-Diff/ResShift (the official scripts use 12345)."}),
             },
             "optional": {  # appended over releases: never reorder (saved workflows store widgets by position)
                 "negative_prompt": ("STRING", {
@@ -77,12 +80,16 @@ class OneStepSRUpscale:
                                "once (memory grows with the image). estimated: measured on small probe tiles "
                                "first, then tiles run one batch at a time (bounded memory, tiny differences). "
                                "auto: exact when it fits in free memory, else estimated."}),
+                "steps": ("INT", {
+                    "default": 0, "min": 0, "max": 1000,
+                    "tooltip": "ResShift's sampler steps (respaced as the official code). 0: the model's own (15, "
+                               "or 4 for the v3 model). SinSR and HF-Diff are one-step; other methods ignore it."}),
             },
         }
 
     def upscale(self, onestep_model, image, prompt, scale, color_fix, latent_tile, latent_overlap,
                 vae_encoder_tile, vae_decoder_tile, latent, seed, negative_prompt="", guidance=0.0,
-                timestep=None, degradation=None, vae_norm_stats="auto"):
+                timestep=None, degradation=None, vae_norm_stats="auto", steps=0):
         settings = UpscaleSettings(
             scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
             latent_tile=latent_tile, latent_overlap=latent_overlap, vae_encoder_tile=vae_encoder_tile,
@@ -90,6 +97,7 @@ class OneStepSRUpscale:
             negative_prompt=negative_prompt or None, guidance=guidance or None,
             timesteps=None if timestep is None else timestep["timesteps"],
             degradation=degradation, timestep_seed=seed, vae_norm_stats=vae_norm_stats,
+            steps=steps or None, noise_seed=seed,
         )
         pipeline = onestep_model.pipeline()
         hooks = RunHooks(progress=comfy.progress_bar(1), check_interrupt=comfy.check_interrupt)

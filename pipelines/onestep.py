@@ -75,6 +75,7 @@ class UpscaleSettings:
     # ResShift backbone (ResShift, SinSR, HF-Diff); the SD backbone ignores these.
     steps: int | None = None  # sampler steps (ResShift: 1..T, respaced as the official code); None: the method's
     noise: object | None = None  # a NoiseSource or an .npz path replaying `p{patch}_s{step}` draws; None: seeded
+    noise_seed: int | None = None  # seed of the CPU noise generator; None: 12345 (the official default)
     chop_size: int | None = None  # LR patch size (official 512, stride 448); None: 512
 
 

@@ -108,7 +108,7 @@ class ResShiftBackbone:
     def noise(self, settings) -> NoiseSource:
         if settings.noise is not None:
             return settings.noise if isinstance(settings.noise, NoiseSource) else RecordedNoise.from_file(settings.noise)
-        return SeededNoise(DEFAULT_SEED if settings.seed is None else settings.seed)
+        return SeededNoise(DEFAULT_SEED if settings.noise_seed is None else settings.noise_seed)
 
     def total_ticks(self, x: torch.Tensor, settings) -> int:
         steps = 1 if self.model.method.one_step else (settings.steps or self.model.method.sampler_steps)
@@ -143,6 +143,13 @@ class ResShiftBackbone:
         """restore(), retried with half the chop size after out-of-memory (as the SD path halves tiles)."""
         from ..models.device_memory import free_cached_memory, is_out_of_memory
 
+        ignored = [name for name, value in (("prompt", settings.prompt), ("negative prompt", settings.negative_prompt),
+                                            ("degradation", settings.degradation), ("timestep", settings.timesteps))
+                   if value not in (None, "")]
+        if settings.guidance not in (None, 1.0):
+            ignored.append("guidance")
+        if ignored:
+            hooks.warn(f"{self.model.method.display_name} has no {', '.join(ignored)} input; ignored")
         while True:
             try:
                 return self.restore(x, settings, hooks)
