@@ -302,3 +302,43 @@ def test_cli_upscale_and_info(files, tmp_path, capsys):
     assert "one-step model" in capsys.readouterr().err
     assert cli_main(["info", str(folder / "resshift_realsrx4_s4_v3.pth")]) == 0
     assert "ResShift family" in capsys.readouterr().out and True
+
+
+def test_node_and_cli_give_the_same_image(files, monkeypatch, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from onestep_sr.nodes.loader_node import FROM_INPUTS, OneStepSRLoader
+    from onestep_sr.nodes.upscale_node import METHOD_DEFAULT, OneStepSRUpscale
+
+    import fake_comfy
+    import tinymodels
+
+    tokenizer = tmp_path / "tok"
+    tinymodels.write_tiny_tokenizer(tokenizer)
+    state = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
+    folder = state.models_dir / "onestep_sr"
+    folder.mkdir(parents=True)
+    for name in ("SinSR_v1.pth", "tiny_sinsr.yaml"):
+        shutil.copy(files[0] / name, folder / name)
+    types = OneStepSRLoader.INPUT_TYPES()
+    assert types["required"]["weights"][0] == ["SinSR_v1.pth"]
+    assert "tiny_sinsr.yaml" in types["optional"]["model_config"][0]
+    with pytest.raises(WeightsFileError, match=r"autoencoder_vq_f4\.pth was not found in .*onestep_sr"):
+        OneStepSRLoader().load("SinSR_v1.pth", FROM_INPUTS, "fp32", model_config="tiny_sinsr.yaml")
+    shutil.copy(files[0] / "autoencoder_vq_f4.pth", folder / "autoencoder_vq_f4.pth")
+    (handle,) = OneStepSRLoader().load("SinSR_v1.pth", FROM_INPUTS, "fp32", model_config="tiny_sinsr.yaml")
+    source = tmp_path / "input.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(source)
+    image = torch.from_numpy(np.asarray(Image.open(source)).astype(np.float32) / 255.0)[None]
+    (node_out,) = OneStepSRUpscale().upscale(handle, image, prompt="", scale=4.0, color_fix=METHOD_DEFAULT,
+                                             latent_tile=96, latent_overlap=32, vae_encoder_tile=1024,
+                                             vae_decoder_tile=224, latent="mean", seed=5)
+    assert state.progress[-1][0] == state.progress[-1][1]
+    out = tmp_path / "out.png"
+    assert cli_main(["upscale", str(source), "-o", str(out), "--weights", str(folder / "SinSR_v1.pth"),
+                     "--model-config", str(folder / "tiny_sinsr.yaml"), "--seed", "5", "--device", "cpu",
+                     "--dtype", "fp32"]) == 0
+    cli_out = np.asarray(Image.open(out)).astype(np.float32) / 255.0
+    assert np.abs(cli_out - node_out[0].numpy()).max() <= 0.5 / 255 + 1e-6
