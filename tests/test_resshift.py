@@ -342,3 +342,17 @@ def test_node_and_cli_give_the_same_image(files, monkeypatch, tmp_path):
                      "--dtype", "fp32"]) == 0
     cli_out = np.asarray(Image.open(out)).astype(np.float32) / 255.0
     assert np.abs(cli_out - node_out[0].numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_fp16_torso_as_the_official_convert_to_fp16():
+    unet = syn.tiny_unet()
+    x, lq = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    t = torch.tensor([9])
+    reference = unet(x, t, lq)
+    unet.set_torso_dtype(torch.bfloat16)
+    assert unet.input_blocks[1][0].in_layers[2].weight.dtype == torch.bfloat16
+    assert unet.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # GroupNorm stays fp32
+    assert unet.time_embed[0].weight.dtype == torch.float32 and unet.out[2].weight.dtype == torch.float32
+    out = unet(x, t, lq)
+    assert out.dtype == torch.float32
+    assert (out - reference).abs().max() < 0.05 * reference.abs().max()
