@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .cli_resshift import add_resshift_arguments, describe_method, loader_options, settings_options
+from .models.method_weights import KNOWN_METHODS
 from .pipelines.color_fix import COLOR_FIX_METHODS
 
 log = logging.getLogger("onestep_sr")
@@ -45,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("upscale", help="upscale image files or folders")
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
     up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
-    up.add_argument("--base", required=True, help="SD-2.x base: a diffusers folder or a single-file .safetensors")
+    up.add_argument("--base", help="SD-2.x base for OSEDiff/S3Diff/Hero-SR: a diffusers folder or a single-file .safetensors")
     up.add_argument("--weights", required=True, help="method weights (osediff.pkl or its .safetensors export)")
     up.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (needed for a single-file base)")
-    up.add_argument("--method", default="auto", choices=["auto", "osediff", "s3diff", "hero_sr"],
+    up.add_argument("--method", default="auto", choices=["auto", *KNOWN_METHODS],
                     help="default: read from the weights")
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
     up.add_argument("--prompt", default=None,
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model precision (auto: fp16 on GPU, fp32 on CPU)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     up.add_argument("--seed", type=int, default=None,
-                    help="sample the VAE latent with this seed (default: the latent mean, deterministic)")
+                    help="sample the VAE latent with this seed (default: the latent mean, deterministic); SinSR/HF-Diff/ResShift: the noise seed (default 12345)")
     up.add_argument("--output-size", choices=["exact", "native"], default="exact",
                     help="exact: scale x input (default); native: the size the model worked at (as the official code saves)")
     up.add_argument("--max-pixels", type=int, default=8192 * 8192, help="refuse outputs larger than this")
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timestep", default="auto",
                     help="'auto' (Hero-SR: DTSM sample, seeded; others: the method's t), 'argmax', or N in 0..999")
     up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
+    add_resshift_arguments(up)
 
     tags = commands.add_parser("tags", help="print CLIP tag prompts ('tag1, tag2, ...') for images")
     tags.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -146,8 +149,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     inputs = collect_inputs(args.inputs)
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
-    model = load_onestep_model(load_base(args.base, args.tokenizer), args.weights, args.method,
-                               de_net_path=args.de_net).to(device, dtype)
+    model = load_onestep_model(lambda _kind: load_base(args.base, args.tokenizer) if args.base else None, args.weights,
+                               args.method, de_net_path=args.de_net, **loader_options(args)).to(device, dtype)
     pipeline = OneStepPipeline(model, device)
     timestep_mode, fixed_timestep = _parse_timestep(args.timestep)
     if args.prompt == "auto" and not args.clip:
@@ -162,6 +165,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         vae_norm_stats=args.vae_stats, output_size=args.output_size, max_output_pixels=args.max_pixels,
         negative_prompt=args.negative_prompt,
         guidance=args.guidance, degradation=degradation, timesteps=fixed_timestep, timestep_seed=args.timestep_seed,
+        noise_seed=args.seed, **settings_options(args, len(inputs)),
     )
     output = Path(args.output)
     with tqdm(total=len(inputs), unit="img", desc="upscaling") as bar:
@@ -302,7 +306,7 @@ def run_info(args: argparse.Namespace) -> int:
     from .models.weights_io import read_weights_file
 
     path = Path(args.weights)
-    print(f"{path.name}: {detect_method(read_weights_file(path), path.name)}")
+    print(f"{path.name}: {describe_method(detect_method(read_weights_file(path), path.name))}")
     return 0
 
 

@@ -65,6 +65,15 @@ CLIP_VISION_H = PublishedFile(
     name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
     url="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/model.safetensors",
     directory="clip_vision", page="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+AUTOENCODER_VQ_F4 = PublishedFile(  # URL as the official SinSR/ResShift code downloads it (release v2.0)
+    name="autoencoder_vq_f4.pth",
+    url="https://github.com/zsyOAOA/ResShift/releases/download/v2.0/autoencoder_vq_f4.pth",
+    directory="onestep_sr", page="https://github.com/zsyOAOA/ResShift")
+HF_DIFF_PTH = PublishedFile(  # the official README names weights/HF-Diff.pth but links no download
+    name="HF-Diff.pth",
+    url="https://github.com/shoaib-sami/Multi-Granular-High-Frequency-Perceptual-Loss-MGHF-",
+    directory="onestep_sr", page="https://github.com/shoaib-sami/Multi-Granular-High-Frequency-Perceptual-Loss-MGHF-",
+    direct=False)
 
 # method -> (its own files, its base)
 METHOD_FILES: dict[str, tuple[tuple[PublishedFile, ...], PublishedFile]] = {
@@ -72,4 +81,5 @@ METHOD_FILES: dict[str, tuple[tuple[PublishedFile, ...], PublishedFile]] = {
     "s3diff": ((S3DIFF_PKL, DE_NET), SD_TURBO),
     "hero_sr": ((HERO_SR_PKL,), SD_TURBO),
 }
-ALL_FILES = (SD21_BASE, SD_TURBO, OSEDIFF_PKL, S3DIFF_PKL, DE_NET, HERO_SR_PKL, CLIP_VISION_H)
+ALL_FILES = (SD21_BASE, SD_TURBO, OSEDIFF_PKL, S3DIFF_PKL, DE_NET, HERO_SR_PKL, CLIP_VISION_H,
+             AUTOENCODER_VQ_F4, HF_DIFF_PTH)

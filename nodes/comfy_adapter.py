@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 WEIGHTS_FOLDER = "onestep_sr"
-WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors"}
+WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors", ".yaml", ".yml"}  # YAML: ResShift-family configs
 SAMPLE_INPUT = Path(__file__).resolve().parents[1] / "workflows" / "onestep_sr_sample.png"
 
 

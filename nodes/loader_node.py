@@ -13,10 +13,7 @@ from ..models.base_models import (
     require_sd2_family,
 )
 from ..models.ldm_convert import detect_base
-from ..models.method_weights import detect_method
-from ..models.weights_io import read_weights_file
-from ..pipelines.methods import get_method
-from ..pipelines.model import DTYPES, apply_method_weights
+from ..pipelines.model import DTYPES, load_onestep_model
 from . import comfy_adapter as comfy
 from .handle import MODEL_TYPE, OneStepHandle
 
@@ -24,6 +21,9 @@ log = logging.getLogger("onestep_sr")
 MODEL_INPUT_NAME = "the MODEL input (from Load Checkpoint)"
 
 FROM_INPUTS = "(use the MODEL/CLIP/VAE inputs)"
+SHIPPED_CONFIG = "(published model sizes)"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+AUTOENCODER_FILE = "autoencoder_vq_f4.pth"
 DIFFUSERS_PREFIX = "diffusers/"
 
 
@@ -43,7 +43,8 @@ class OneStepSRLoader:
         "Loads a one-step diffusion SR model: an SD-2.x base (SD-2.1-base for OSEDiff, SD-Turbo for S3Diff and "
         "Hero-SR) plus the method's weights from models/onestep_sr (osediff.pkl, s3diff.pkl + de_net.pth, "
         "hero_sr_model.pkl). The base comes from the MODEL/CLIP/VAE of a Load Checkpoint node, or from a "
-        "checkpoint file / diffusers folder chosen here."
+        "checkpoint file / diffusers folder chosen here. SinSR, HF-Diff and ResShift (SinSR_v1.pth, HF-Diff.pth, "
+        "resshift_realsrx4_s15_v2.pth, ...) need no base: they use autoencoder_vq_f4.pth from models/onestep_sr."
     )
     CATEGORY = "image/upscaling/OneStep SR"
     FUNCTION = "load"
@@ -54,14 +55,17 @@ class OneStepSRLoader:
     @classmethod
     def INPUT_TYPES(cls):
         comfy.register_weights_folder()
+        files = comfy.list_files(comfy.WEIGHTS_FOLDER)
         bases = [FROM_INPUTS, *comfy.list_files("checkpoints"),
                  *(DIFFUSERS_PREFIX + name for name in comfy.list_diffusers_folders())]
         return {
             "required": {
-                "weights": (comfy.list_files(comfy.WEIGHTS_FOLDER), {
+                "weights": ([f for f in files if not f.lower().endswith(CONFIG_SUFFIXES)], {
                     "tooltip": "Method weights in models/onestep_sr: osediff.pkl, s3diff.pkl (with de_net.pth "
                                "in the same folder) or hero_sr_model.pkl, or their .safetensors exports "
-                               "(onestep-sr convert). The method is recognised from the file."}),
+                               "(onestep-sr convert); HF-Diff.pth, SinSR_v1/_v2.pth or resshift_realsrx4_*.pth "
+                               "(with autoencoder_vq_f4.pth in the same folder; keep the published names). "
+                               "The method is recognised from the file."}),
                 "base": (bases, {
                     "tooltip": "The SD-2.x base: a single-file checkpoint in models/checkpoints, a diffusers "
                                "folder in models/diffusers, or the MODEL/CLIP/VAE inputs of this node."}),
@@ -77,24 +81,30 @@ class OneStepSRLoader:
                                                              "LoRA patches on it are not applied (a warning says so)."}),
                 "clip": ("CLIP", {"lazy": True, "tooltip": "Its CLIP, from the same Load Checkpoint."}),
                 "vae": ("VAE", {"lazy": True, "tooltip": "Its VAE, from the same Load Checkpoint."}),
+                "model_config": ([SHIPPED_CONFIG, *(f for f in files if f.lower().endswith(CONFIG_SUFFIXES))], {
+                    "default": SHIPPED_CONFIG,
+                    "tooltip": "ResShift/SinSR/HF-Diff only: an official-format YAML in models/onestep_sr for a "
+                               "model of another size (your own training). Ignored by the SD methods."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def check_lazy_status(self, weights, base, dtype, model=None, clip=None, vae=None, unique_id=None):
+    def check_lazy_status(self, weights, base, dtype, model=None, clip=None, vae=None,
+                          model_config=SHIPPED_CONFIG, unique_id=None):
         """Ask ComfyUI for MODEL/CLIP/VAE only when the base comes from them."""
         if base != FROM_INPUTS:
             return []
         return [name for name, value in (("model", model), ("clip", clip), ("vae", vae)) if value is None]
 
-    def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None, unique_id=None):
+    def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None,
+             model_config: str = SHIPPED_CONFIG, unique_id=None):
         with comfy.ui_warnings(unique_id):
             weights_path = comfy.full_path(comfy.WEIGHTS_FOLDER, weights)
-            data = read_weights_file(weights_path)
-            method = get_method(detect_method(data, weights_path.name))
-            base_models = self._load_base(base, model, clip, vae, method.base_kind)
-            de_net = comfy.find_file(comfy.WEIGHTS_FOLDER, "de_net.pth") or weights_path.parent / "de_net.pth"
-            onestep = apply_method_weights(base_models, data, method.name, weights_path.name, de_net_path=de_net)
+            de_net = comfy.find_file(comfy.WEIGHTS_FOLDER, "de_net.pth")  # S3Diff's estimator, if present
+            config = None if model_config == SHIPPED_CONFIG else comfy.full_path(comfy.WEIGHTS_FOLDER, model_config)
+            onestep = load_onestep_model(lambda base_kind: self._load_base(base, model, clip, vae, base_kind),
+                                         weights_path, de_net_path=de_net, model_config=config,
+                                         autoencoder_path=comfy.find_file(comfy.WEIGHTS_FOLDER, AUTOENCODER_FILE))
         device = comfy.torch_device()
         torch_dtype = comfy.default_dtype(device) if dtype == "auto" else DTYPES[dtype]
         onestep.to(comfy.offload_device(), torch_dtype)

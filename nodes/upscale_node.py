@@ -36,9 +36,12 @@ def _alpha_from_mask(mask: torch.Tensor | None, image: torch.Tensor) -> torch.Te
 
 class OneStepSRUpscale:
     DESCRIPTION = (
-        "Upscales images with one diffusion UNet pass, using the method Load OneStep SR loaded (OSEDiff, S3Diff or "
-        "Hero-SR): resize x scale, VAE encode, one UNet step, decode, colour fix. Large images are tiled; the "
-        "progress bar counts tiles. Outputs are limited to max_megapixels (8192x8192 by default)."
+        "Upscales images with one diffusion pass, using the method Load OneStep SR loaded. OSEDiff, S3Diff, "
+        "Hero-SR: resize x scale, VAE encode, one UNet step, decode, colour fix; large images are tiled and the "
+        "progress bar counts tiles. SinSR and HF-Diff run one Swin-UNet step in a VQ latent, ResShift its "
+        "15/4-step sampler; they ignore prompt, CFG, timestep, degradation and tile inputs (a warning says so), "
+        "use the seed for their noise and chop big inputs into 512-px patches. Outputs are limited to "
+        "max_megapixels (8192x8192 by default)."
     )
     CATEGORY = "image/upscaling/OneStep SR"
     FUNCTION = "upscale"
@@ -84,8 +87,9 @@ class OneStepSRUpscale:
                     "tooltip": "mean: deterministic VAE latent. sample: draw it with the seed, as the "
                                "official code does (slightly different each seed)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed for latent sampling (latent = sample) and for Hero-SR's own "
-                                            "timestep choice when no timestep is connected."}),
+                                 "tooltip": "Seed for latent sampling (latent = sample), for Hero-SR's own "
+                                            "timestep choice when no timestep is connected, and for the noise "
+                                            "of SinSR/HF-Diff/ResShift (the official scripts use 12345)."}),
             },
             "optional": {  # appended over releases: never reorder (saved workflows store widgets by position)
                 "negative_prompt": ("STRING", {
@@ -123,6 +127,10 @@ class OneStepSRUpscale:
                 "mask": ("MASK", {"tooltip": "Alpha from Load Image's MASK output (1 = transparent). It is "
                                              "upscaled and returned as the mask output; without it the mask "
                                              "output is empty."}),
+                "steps": ("INT", {
+                    "default": 0, "min": 0, "max": 1000,
+                    "tooltip": "ResShift's sampler steps (respaced as the official code). 0: the model's own (15, "
+                               "or 4 for the v3 model). SinSR and HF-Diff are one-step; other methods ignore it."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -130,7 +138,7 @@ class OneStepSRUpscale:
     def upscale(self, onestep_model, image, prompt, scale, color_fix, latent_tile, latent_overlap,
                 vae_encoder_tile, vae_decoder_tile, latent, seed, negative_prompt="", guidance=0.0,
                 timestep=None, degradation=None, vae_norm_stats="auto", color_fix_strength=1.0, tile_batch=4,
-                max_megapixels=DEFAULT_MAX_MEGAPIXELS, mask=None, unique_id=None):
+                max_megapixels=DEFAULT_MAX_MEGAPIXELS, mask=None, steps=0, unique_id=None):
         with comfy.ui_warnings(unique_id):
             timestep, degradation = self._used_conditions(onestep_model, scale, timestep, degradation)
             alpha = _alpha_from_mask(mask, image)
@@ -141,7 +149,7 @@ class OneStepSRUpscale:
                 seed=seed if latent == "sample" else None, negative_prompt=negative_prompt or None,
                 guidance=guidance or None, timesteps=None if timestep is None else timestep["timesteps"],
                 degradation=degradation, timestep_seed=seed, vae_norm_stats=vae_norm_stats,
-                max_output_pixels=int(max_megapixels * 1_000_000),
+                max_output_pixels=int(max_megapixels * 1_000_000), steps=steps or None, noise_seed=seed,
             )
             pipeline = onestep_model.pipeline()
             hooks = RunHooks(progress=comfy.progress_bar(1), check_interrupt=comfy.check_interrupt)
@@ -161,14 +169,14 @@ class OneStepSRUpscale:
         model = onestep_model.model
         name = model.method.display_name
         if timestep is not None:
-            if model.dtsm is None:
+            if getattr(model, "dtsm", None) is None:
                 log.warning("the timestep input is ignored: %s uses its fixed timestep (only Hero-SR uses DTSM "
                             "timesteps)", name)
                 timestep = None
             elif timestep.get("scale") is not None and float(timestep["scale"]) != float(scale):
                 raise ValueError(f"OneStep Upscale: DTSM Timestep chose t at scale {timestep['scale']:g} but this "
                                  f"node upscales x{scale:g}; set the same scale on both nodes")
-        if degradation is not None and model.modulator is None:
+        if degradation is not None and getattr(model, "modulator", None) is None:
             log.warning("the degradation input is ignored: %s has no degradation-modulated LoRA (only S3Diff "
                         "uses it)", name)
             degradation = None

@@ -73,6 +73,11 @@ class UpscaleSettings:
     degradation: torch.Tensor | None = None  # (B, 2) blur/noise scores in [0, 1]; None: estimate (S3Diff)
     timesteps: int | torch.Tensor | None = None  # one t or (B,); None: DTSM (Hero-SR) or the method's t
     timestep_seed: int = 0  # seeds the DTSM's sampled timestep when it chooses t
+    # ResShift backbone (ResShift, SinSR, HF-Diff); the SD backbone ignores these.
+    steps: int | None = None  # sampler steps (ResShift: 1..T, respaced as the official code); None: the method's
+    noise: object | None = None  # a NoiseSource or an .npz path replaying `p{patch}_s{step}` draws; None: seeded
+    noise_seed: int | None = None  # seed of the CPU noise generator; None: 12345 (the official default)
+    chop_size: int | None = None  # LR patch size (official 512, stride 448); None: 512
 
 
 @dataclass
@@ -111,6 +116,9 @@ class OneStepPipeline:
     def __init__(self, model: OneStepModel, device: torch.device | str = "cpu"):
         self.model = model
         self.device = torch.device(device)
+        # The backbone seam: the SD one-step path is this class itself; others come from the
+        # method's description (pipelines/resshift.py for ResShift, SinSR and HF-Diff).
+        self.backbone = self if model.method.backbone == "sd" else _backbone(model, self.device)
 
     # -- settings -------------------------------------------------------------------------------
     def resolve(self, settings: UpscaleSettings) -> UpscaleSettings:
@@ -159,12 +167,12 @@ class OneStepPipeline:
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"expected an image batch (B, H, W, C), got shape {tuple(images.shape)}")
         parts = split_channels(images.permute(0, 3, 1, 2).float())
-        plan = self.plan(images.shape[1], images.shape[2], settings)
-
-        x = apply_resize_plan(parts.rgb.to(self.device), plan)  # the upscaled input, [0, 1]
-        conditions = self.conditions(parts.rgb, x, settings)
-        restored = self._run_with_oom_fallback(x, settings, conditions, hooks)
-        restored = color_fix(restored, x, settings.color_fix, settings.color_fix_strength)
+        backbone = self.backbone
+        plan = backbone.plan(images.shape[1], images.shape[2], settings)
+        _check_pixels(plan, settings)
+        x, reference = backbone.prepare(parts.rgb, plan)  # model input; colour-fix reference, [0, 1]
+        restored = backbone.run(parts.rgb, x, settings, hooks)
+        restored = color_fix(restored, reference, settings.color_fix, settings.color_fix_strength)
         out_hw = plan.target_hw if settings.output_size == "exact" else plan.model_hw
         if tuple(restored.shape[-2:]) != tuple(out_hw):
             restored = resize_image(restored, out_hw, self.model.method.upscale_filter).clamp(0, 1)
@@ -173,6 +181,14 @@ class OneStepPipeline:
             alpha = resize_image(parts.alpha.to(self.device), out_hw, self.model.method.upscale_filter).clamp(0, 1)
         result = merge_channels(restored, alpha, parts.grayscale)
         return result.permute(0, 2, 3, 1).float().cpu()
+
+    # -- the SD backbone --------------------------------------------------------------------------
+    def prepare(self, rgb: torch.Tensor, plan: ResizePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        x = apply_resize_plan(rgb.to(self.device), plan)  # the upscaled input, [0, 1]
+        return x, x
+
+    def run(self, original: torch.Tensor, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> torch.Tensor:
+        return self._run_with_oom_fallback(x, settings, self.conditions(original, x, settings), hooks)
 
     def conditions(self, original: torch.Tensor, upscaled: torch.Tensor, settings: UpscaleSettings) -> Conditions:
         """Prompt embeddings, per-image timesteps and (S3Diff) degradation modulation for a batch."""
@@ -330,6 +346,25 @@ class OneStepPipeline:
         unet = max(1, len(latent_tile_grid(latent_h, latent_w, settings.latent_tile, settings.latent_overlap)))
         decode = len(tile_grid(latent_h, latent_w, settings.vae_decoder_tile, DECODER_PAD_LATENT)) or 1
         return _TileCounter({"encode": encode * batch, "unet": unet * batch, "decode": decode * batch}, hooks)
+
+
+def _backbone(model, device: torch.device):
+    if model.method.backbone == "resshift":
+        from .resshift import ResShiftBackbone
+
+        return ResShiftBackbone(model, device)
+    raise ValueError(f"unknown backbone {model.method.backbone!r} in the {model.method.display_name} description")
+
+
+def _check_pixels(plan: ResizePlan, settings: UpscaleSettings) -> None:
+    biggest = max(plan.model_hw[0] * plan.model_hw[1], plan.target_hw[0] * plan.target_hw[1])
+    if biggest > settings.max_output_pixels:
+        height, width = plan.input_hw
+        raise ImageTooLargeError(
+            f"a {width}x{height} input at x{settings.scale:g} needs a {plan.model_hw[1]}x{plan.model_hw[0]} "
+            f"working image, above the limit of {settings.max_output_pixels} pixels; lower the scale, "
+            "downscale the input, or raise the limit (max_output_pixels / --max-pixels)"
+        )
 
 
 def plan_for_method(method: MethodSpec, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:

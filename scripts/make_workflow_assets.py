@@ -23,6 +23,7 @@ TITLES = {
     "txt2img_then_osediff_upscale": "txt2img + x4",
     "s3diff_degradation_upscale": "S3Diff x4",
     "hero_sr_tags_timestep_upscale": "Hero-SR x4",
+    "hf_diff_upscale_image": "HF-Diff x4",
 }
 
 

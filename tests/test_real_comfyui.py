@@ -17,6 +17,8 @@ What it does:
     message, and a LoraLoader-patched MODEL (a tiny LoRA) and checks the load works and warns;
   * checks ComfyUI's /workflow_templates lists the shipped workflows and serves their thumbnails, and that the
     pack's frontend extension is served.
+  * runs the HF-Diff workflow on tiny ResShift-family files (published key layout, an official-format YAML
+    chosen in the loader's model_config) and compares it with the CLI too.
 
 ComfyUI is started with COMFYUI_PYTHON (default: this interpreter). It needs torch, diffusers and
 transformers, not an installed `onestep_sr`: ComfyUI loads the pack from the custom_nodes folder.
@@ -62,6 +64,7 @@ STARTUP_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 15 * 60
 INPUT_NAME = "onestep_test_input.png"
 INPUT_SIZE = (32, 24)  # (width, height)
+HF_DIFF_CONFIG = "tiny_hf_diff.yaml"
 SCALE = 4
 # The OneStep Upscale settings of osediff_upscale_image.json, repeated for the CLI run.
 UPSCALE_SETTINGS = {"prompt": "", "scale": 4.0, "color_fix": "method default", "latent_tile": 96,
@@ -244,6 +247,12 @@ def layout(tmp_path_factory, weights) -> dict[str, Path]:
     lora = full_size_fixtures.ensure_unet_lora(extras)
     (paths["models"] / "loras" / lora.name).symlink_to(lora)
     _write_input_image(paths["input"] / INPUT_NAME)
+    import synthetic_resshift
+
+    onestep = paths["models"] / "onestep_sr"
+    synthetic_resshift.write_unet(synthetic_resshift.tiny_unet(), onestep / "HF-Diff.pth")
+    synthetic_resshift.write_vq(synthetic_resshift.tiny_vq(), onestep / "autoencoder_vq_f4.pth")
+    synthetic_resshift.write_official_yaml(onestep / HF_DIFF_CONFIG)
     paths["extra_paths"] = root / "extra_model_paths.yaml"
     paths["extra_paths"].write_text(
         "onestep_sr_integration_test:\n"
@@ -516,3 +525,38 @@ def test_templates_are_listed_with_thumbnails(comfy):
     assert upscale["output"] == ["IMAGE", "MASK"]
     assert upscale["input"]["required"]["seed"][1]["control_after_generate"] is True
     print(f"[comfyui] /workflow_templates: {templates}")
+
+
+def test_hf_diff_workflow_matches_cli(comfy, layout):
+    """The HF-Diff workflow (no base, VQ autoencoder and config from models/onestep_sr) through ComfyUI,
+    and the CLI on the same files, input and seed: equal up to SaveImage's truncation."""
+    from onestep_sr import cli
+
+    workflow = _workflow("hf_diff_upscale_image.json")
+    (loader,) = node_ids(workflow, "OneStepSR_Loader")
+    (load_image,) = node_ids(workflow, "LoadImage")
+    (upscale,) = node_ids(workflow, "OneStepSR_Upscale")
+    (save,) = node_ids(workflow, "SaveImage")
+    assert HF_DIFF_CONFIG in comfy.object_info["OneStepSR_Loader"]["input"]["optional"]["model_config"][0]
+    prompt = ui_to_api(workflow, comfy.object_info, overrides={
+        loader: {"weights": "HF-Diff.pth", "model_config": HF_DIFF_CONFIG, "dtype": "fp32"},
+        load_image: {"image": INPUT_NAME}, save: {"filename_prefix": "onestep_hf_diff_test"}})
+    assert prompt[str(upscale)]["inputs"]["seed"] == 12345 and prompt[str(upscale)]["inputs"]["steps"] == 0
+    started = time.monotonic()
+    try:
+        entry = comfy.run(prompt)
+    finally:
+        comfy.free()
+    print(f"[comfyui] hf_diff_upscale_image.json: {time.monotonic() - started:.0f} s")
+    result = comfy.saved_image(entry, save)
+    onestep = layout["models"] / "onestep_sr"
+    target = layout["cli"] / "hf_diff_x4.png"
+    assert cli.main(["upscale", str(layout["input"] / INPUT_NAME), "-o", str(target), "--weights",
+                     str(onestep / "HF-Diff.pth"), "--model-config", str(onestep / HF_DIFF_CONFIG),
+                     "--seed", "12345", "--dtype", "fp32", "--device", "cpu"]) == 0
+    comfy_pixels = np.asarray(Image.open(result).convert("RGB"), dtype=np.int16)
+    cli_pixels = np.asarray(Image.open(target).convert("RGB"), dtype=np.int16)
+    assert comfy_pixels.shape == (INPUT_SIZE[1] * SCALE, INPUT_SIZE[0] * SCALE, 3)
+    values = set(np.unique(cli_pixels - comfy_pixels).tolist())
+    print(f"[compare] HF-Diff CLI - ComfyUI (8-bit) values: {sorted(values)}")
+    assert values <= {0, 1}
