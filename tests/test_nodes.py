@@ -144,7 +144,7 @@ def test_node_schema_conventions(comfy):
     optional = OneStepSRUpscale.INPUT_TYPES()["optional"]
     assert optional["timestep"][0].split(",") == [OneStepSRTimestep.RETURN_TYPES[0], "SR_TIMESTEP"]
     assert optional["degradation"][0].split(",") == [OneStepSRDegradationEstimator.RETURN_TYPES[0], "SR_DEGRADATION"]
-    assert list(optional)[-4:] == ["color_fix_strength", "tile_batch", "max_megapixels", "mask"]  # appended
+    assert list(optional)[-5:] == ["color_fix_strength", "tile_batch", "max_megapixels", "mask", "steps"]  # appended
     assert OneStepSRUpscale.RETURN_TYPES == ("IMAGE", "MASK")  # MASK appended after IMAGE
     import onestep_sr
 

@@ -332,7 +332,7 @@ def test_node_and_cli_give_the_same_image(files, monkeypatch, tmp_path):
     source = tmp_path / "input.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(source)
     image = torch.from_numpy(np.asarray(Image.open(source)).astype(np.float32) / 255.0)[None]
-    (node_out,) = OneStepSRUpscale().upscale(handle, image, prompt="", scale=4.0, color_fix=METHOD_DEFAULT,
+    node_out, _ = OneStepSRUpscale().upscale(handle, image, prompt="", scale=4.0, color_fix=METHOD_DEFAULT,
                                              latent_tile=96, latent_overlap=32, vae_encoder_tile=1024,
                                              vae_decoder_tile=224, latent="mean", seed=5)
     assert state.progress[-1][0] == state.progress[-1][1]
