@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..models.tiled_vae import NORM_STATS_MODES
 from ..pipelines.color_fix import COLOR_FIX_METHODS
 from ..pipelines.onestep import RunHooks, UpscaleSettings
+from ..pipelines.validation import check_images
 from . import comfy_adapter as comfy
 from .handle import MODEL_TYPE
 
@@ -83,6 +84,7 @@ class OneStepSRUpscale:
     def upscale(self, onestep_model, image, prompt, scale, color_fix, latent_tile, latent_overlap,
                 vae_encoder_tile, vae_decoder_tile, latent, seed, negative_prompt="", guidance=0.0,
                 timestep=None, degradation=None, vae_norm_stats="auto"):
+        image = check_images(image, "OneStep Upscale input 'image'")
         settings = UpscaleSettings(
             scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
             latent_tile=latent_tile, latent_overlap=latent_overlap, vae_encoder_tile=vae_encoder_tile,
