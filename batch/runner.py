@@ -78,6 +78,7 @@ class RunReport:
         if skipped:
             lines.append(f"skipped {skipped} file(s) whose output already exists (--existing skip: a rerun "
                          "resumes; --existing overwrite redoes them)")
+        lines += [f"note: {o.source}: {o.detail}" for o in self.outcomes if o.status == DONE and o.detail]
         lines += [f"failed: {o.source}: {o.detail}" for o in self.outcomes if o.status == FAILED]
         if self.stopped_early:
             lines.append("stopped at the first failure (--fail-fast)")

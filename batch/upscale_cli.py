@@ -125,6 +125,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         pipeline = _load_pipeline(args, device, _pick_dtype(args.dtype, device))
         tagger = _Tagger(args.clip, device) if args.prompt == "auto" else None
         jobs = _check_sizes(jobs, pipeline, settings, report, args.fail_fast)
+    if jobs:
         with tqdm(total=len(jobs), unit="img", desc="upscaling") as bar:
 
             def process(job, loaded) -> torch.Tensor:
@@ -186,7 +187,7 @@ def _check_sizes(jobs, pipeline, settings, report, fail_fast: bool):
         try:
             pipeline.plan(job.info.height, job.info.width, pipeline.resolve(settings))
         except ValueError as error:
-            report.outcomes.append(Outcome(job.source, job.target, FAILED, f"{job.source.name}: {error}"))
+            report.outcomes.append(Outcome(job.source, job.target, FAILED, str(error)))
             tqdm.write(f"skipping {job.source}: {error}")
             if fail_fast:
                 report.stopped_early = True

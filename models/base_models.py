@@ -240,5 +240,10 @@ def load_base(path: str | Path, tokenizer_dir: str | Path | None = None) -> Base
     if path.is_dir():
         return load_diffusers_base(path)
     if path.exists():
-        return load_single_file_base(path, tokenizer_dir)
-    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent})")
+        try:
+            return load_single_file_base(path, tokenizer_dir)
+        except BaseModelError as error:
+            if path.name in str(error):
+                raise
+            raise BaseModelError(f"base checkpoint {path.name} in {path.parent.resolve()}: {error}") from None
+    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent.resolve()})")

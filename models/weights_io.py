@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,20 +46,17 @@ def torch_load_error(path: Path, error: BaseException) -> str:
     with open(path, "rb") as stream:
         head = stream.read(4)
     is_zip = head.startswith(b"PK")
+    refused = ("which are refused because unpickling them could run code; use the file from the method's "
+               "official release, or its safetensors export")
     if "Weights only load failed" in text:
-        blocked = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+        blocked = re.search(r"GLOBAL ([\w.]+)", text)
         if blocked:
-            return (f"it refers to Python code ({blocked.group(1)}), which could run when unpickled; refused. "
-                    "Use the file from the method's official release, or its safetensors export")
-        if is_zip:
-            return ("it holds Python objects other than tensors, which are refused because unpickling them "
-                    "could run code; use the file from the method's official release")
-        if head[:1] == b"\x80":
-            return ("it is a plain Python pickle, not a PyTorch weights file, and is refused because unpickling "
-                    "it could run code; use the file from the method's official release")
+            return f"it holds Python objects other than tensors ({blocked.group(1)}), {refused}"
+        if is_zip or head[:1] == b"\x80":
+            return f"it holds Python objects other than tensors, {refused}"
         return "it is not a PyTorch weights file (unrecognised content); download it again"
     if is_zip:
-        return "it is truncated or corrupt (its zip archive is incomplete); download it again"
+        return "it is corrupt or truncated (its zip archive is incomplete); download it again"
     return "it is not a PyTorch weights file (unrecognised content); download it again"
 
 
@@ -69,7 +67,9 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         return _read_safetensors_export(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for bad pickles
         raise WeightsFileError(f"could not read {path.name} in {path.parent.resolve()}: "
                                f"{torch_load_error(path, error)}") from None
