@@ -190,16 +190,20 @@ def _input_paths(items: list[str]) -> list[Path]:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from .batch.atomic import atomic_write
     from .models.method_weights import detect_method
-    from .models.weights_io import read_weights_file, write_safetensors_export
+    from .models.weights_io import read_weights_file, safetensors_export_bytes
 
     source, target = Path(args.source), Path(args.target)
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise ValueError(f"convert would overwrite its source {source}; give another target")
     data = read_weights_file(source)
     method = detect_method(data, source.name)
-    if target.suffix == ".safetensors":
-        write_safetensors_export(data, target, method)
-    else:
-        torch.save(data, target)
+    with atomic_write(target) as stream:  # never a half-written file, even on Ctrl-C
+        if target.suffix == ".safetensors":
+            stream.write(safetensors_export_bytes(data, method))
+        else:
+            torch.save(data, stream)
     print(f"{source.name} ({method}) -> {target}")
     return 0
 

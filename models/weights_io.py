@@ -98,16 +98,21 @@ def _contains_tensor(value: Any) -> bool:
     return False
 
 
-def write_safetensors_export(data: Mapping[str, Any], path: str | Path, method: str) -> None:
-    """Write a method weights dict as safetensors (tensors + JSON metadata for the rest)."""
-    from safetensors.torch import save_file
+def safetensors_export_bytes(data: Mapping[str, Any], method: str) -> bytes:
+    """A method weights dict as safetensors bytes (tensors + JSON metadata for the rest)."""
+    from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for key, value in data.items():
         _flatten(value, str(key), tensors, meta)
     header = {"format": EXPORT_FORMAT, "method": method, "meta": json.dumps(meta)}
-    save_file(tensors, str(path), metadata=header)
+    return save(tensors, metadata=header)
+
+
+def write_safetensors_export(data: Mapping[str, Any], path: str | Path, method: str) -> None:
+    """Write a method weights dict as safetensors (tensors + JSON metadata for the rest)."""
+    Path(path).write_bytes(safetensors_export_bytes(data, method))
 
 
 def _read_safetensors_export(path: Path) -> dict[str, Any]:

@@ -272,3 +272,20 @@ def test_real_model_batch_with_bad_files(tmp_path, tiny_base_dir, osediff_pkl, c
     assert Image.open(out / "good.png").size == (40, 48) and Image.open(out / "good.png").mode == "L"
     assert "corrupt.png" in err and "corrupt or truncated" in err and "huge.png" in err
     assert "done 1, skipped 0, failed 2" in err
+
+
+def test_convert_writes_atomically_and_never_over_its_source(tmp_path, osediff_pkl, capsys):
+    from onestep_sr.models.weights_io import read_weights_file
+
+    export = tmp_path / "osediff.safetensors"
+    assert cli_main(["convert", str(osediff_pkl[0]), str(export)]) == 0
+    back = tmp_path / "back.pkl"
+    assert cli_main(["convert", str(export), str(back)]) == 0
+    original, again = read_weights_file(osediff_pkl[0]), read_weights_file(back)
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original["state_dict_unet"][k], again["state_dict_unet"][k])
+               for k in original["state_dict_unet"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.pkl", "osediff.safetensors"]
+    before = export.read_bytes()
+    assert cli_main(["convert", str(export), str(export)]) == 2
+    assert "would overwrite its source" in capsys.readouterr().err and export.read_bytes() == before
