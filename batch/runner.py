@@ -30,6 +30,7 @@ from .images import (
     CHANNEL_NAMES,
     ImageError,
     ImageInfo,
+    ImageTooLargeError,
     LoadedImage,
     fallback_suffix,
     output_format,
@@ -110,10 +111,15 @@ def prepare(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, s
     listed = list_inputs(inputs)
     probes: dict[Path, ImageInfo | ImageError] = {}
 
+    # inputs far above the limit are refused from their header, before they are decoded
+    input_limit = None if max_pixels is None or not scale > 0 else int(2 * max_pixels / scale**2) + 1
+
     def probe(item: InputFile) -> ImageInfo | ImageError:
         if item.path not in probes:
             try:
-                probes[item.path] = probe_image(item.path)
+                probes[item.path] = probe_image(item.path, input_limit)
+            except ImageTooLargeError as error:
+                probes[item.path] = ImageError(_size_message(item.path, error.width, error.height, scale, max_pixels))
             except ImageError as error:
                 probes[item.path] = error
         return probes[item.path]
@@ -213,7 +219,12 @@ def _size_problem(info: ImageInfo, scale: float, max_pixels: int | None) -> str:
     pixels = round(info.width * scale) * round(info.height * scale)
     if pixels <= max_pixels:
         return ""
-    return (f"{where(info.path)} is {info.width}x{info.height}: x{scale:g} needs {pixels} working pixels, above "
+    return _size_message(info.path, info.width, info.height, scale, max_pixels)
+
+
+def _size_message(path: Path, width: int, height: int, scale: float, max_pixels: int) -> str:
+    pixels = round(width * scale) * round(height * scale)
+    return (f"{where(path)} is {width}x{height}: x{scale:g} needs {pixels} working pixels, above "
             f"--max-pixels {max_pixels}; downscale it, lower --scale or raise --max-pixels")
 
 

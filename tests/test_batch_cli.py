@@ -153,12 +153,14 @@ def test_bad_files_are_named_and_the_others_still_run(tmp_path, fake, capsys):
     _png(folder / "good2.png", seed=2)
     _png(folder / "huge.png", size=(300, 200))
     (folder / "corrupt.png").write_bytes(b"this is a text file named .png")
+    Image.new("RGB", (1200, 1000)).save(folder / "giant.png")  # refused from its header, never decoded
     out = tmp_path / "out"
     assert _upscale(str(folder), "-o", str(out), "--max-pixels", str(700 * 700)) == 1
     err = capsys.readouterr().err
     assert _files(out) == ["good1.png", "good2.png"]
-    assert "done 2, skipped 0, failed 2" in err
-    assert "corrupt.png" in err and "not an image" in err and "huge.png" in err and "--max-pixels" in err
+    assert "done 2, skipped 0, failed 3" in err
+    assert "corrupt.png" in err and "not an image" in err and "huge.png in" in err and "is 300x200: x4 needs 960000" in err
+    assert "giant.png in" in err and "is 1200x1000: x4 needs 19200000 working pixels" in err
     assert "Traceback" not in err
 
     fake.calls.clear()
