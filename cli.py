@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .cli_resshift import describe_method
+
 log = logging.getLogger("onestep_sr")
 
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import cli as training_cli
 
     training_cli.add_parser(commands)
+
+    from .downloads.cli import add_parser as add_fetch_weights
+
+    add_fetch_weights(commands)
     return parser
 
 
@@ -213,7 +219,7 @@ def run_info(args: argparse.Namespace) -> int:
     from .models.weights_io import read_weights_file
 
     path = Path(args.weights)
-    print(f"{path.name}: {detect_method(read_weights_file(path), path.name)}")
+    print(f"{path.name}: {describe_method(detect_method(read_weights_file(path), path.name))}")
     return 0
 
 

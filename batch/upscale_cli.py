@@ -14,6 +14,9 @@ from dataclasses import replace
 
 import torch
 
+from ..cli_resshift import add_resshift_arguments, loader_options, settings_options
+from ..models.method_weights import KNOWN_METHODS
+from ..pipelines.color_fix import COLOR_FIX_METHODS
 from .images import OUTPUT_SUFFIXES
 from .plan import EXISTING_POLICIES
 
@@ -25,17 +28,19 @@ def add_parser(commands) -> argparse.ArgumentParser:
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images (searched "
                                                                "recursively; sub-folders are mirrored)")
     up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
-    up.add_argument("--base", required=True, help="SD-2.x base: a diffusers folder or a single-file .safetensors")
+    up.add_argument("--base", help="SD-2.x base for OSEDiff/S3Diff/Hero-SR: a diffusers folder or a single-file "
+                                   ".safetensors (SinSR/HF-Diff/ResShift need none)")
     up.add_argument("--weights", required=True, help="method weights (osediff.pkl or its .safetensors export)")
     up.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (needed for a single-file base)")
-    up.add_argument("--method", default="auto", choices=["auto", "osediff", "s3diff", "hero_sr"],
+    up.add_argument("--method", default="auto", choices=["auto", *KNOWN_METHODS],
                     help="default: read from the weights")
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
     up.add_argument("--prompt", default=None,
                     help="text prompt (OSEDiff was trained with 'tag1, tag2, ...'); 'auto': CLIP tags (needs --clip)")
     up.add_argument("--clip", default=None, help="a transformers CLIPModel folder, for --prompt auto")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
+    up.add_argument("--color-fix", choices=list(COLOR_FIX_METHODS), default=None,
                     help="colour correction against the upscaled input (default: the method's)")
+    up.add_argument("--color-fix-strength", type=float, default=1.0, help="0..1 blend of fixed and raw output")
     up.add_argument("--latent-tile", type=int, default=None, help="UNet tile size in latent px (default 96)")
     up.add_argument("--latent-overlap", type=int, default=None, help="UNet tile overlap in latent px (default 32)")
     up.add_argument("--vae-encoder-tile", type=int, default=None, help="VAE encoder tile in image px (default 1024)")
@@ -48,7 +53,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                     help="model precision (auto: fp16 on GPU, fp32 on CPU)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     up.add_argument("--seed", type=int, default=None,
-                    help="sample the VAE latent with this seed (default: the latent mean, deterministic)")
+                    help="sample the VAE latent with this seed (default: the latent mean, deterministic); "
+                         "SinSR/HF-Diff/ResShift: the noise seed (default 12345)")
     up.add_argument("--output-size", choices=["exact", "native"], default="exact",
                     help="exact: scale x input (default); native: the size the model worked at (as the official code saves)")
     up.add_argument("--max-pixels", type=int, default=8192 * 8192,
@@ -77,6 +83,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                     help="'auto' (Hero-SR: DTSM sample, seeded; others: the method's t), 'argmax', or N in 0..999")
     up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
     up.set_defaults(handler=run_upscale)
+    add_resshift_arguments(up)
     return up
 
 
@@ -94,7 +101,8 @@ def _settings(args: argparse.Namespace):
         vae_norm_stats=args.vae_stats, output_size=args.output_size, max_output_pixels=args.max_pixels,
         negative_prompt=args.negative_prompt, guidance=args.guidance,
         degradation=_parse_degradation(args.degradation), timesteps=fixed_timestep,
-        timestep_seed=args.timestep_seed,
+        timestep_seed=args.timestep_seed, color_fix_strength=args.color_fix_strength, noise_seed=args.seed,
+        **settings_options(args, 1),
     )
     # checked now with generic defaults (the method is known only once the weights load), again in the pipeline
     validate_settings(resolve_settings(MethodSpec("any", "any", "sd21_base"), settings))
@@ -114,6 +122,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     jobs, report = prepare(args.inputs, args.output, suffix=args.suffix, format_suffix="." + args.format,
                            existing=args.existing, bit_depth=args.bit_depth, scale=args.scale,
                            max_pixels=args.max_pixels)
+    if args.noise and len(jobs) > 1:
+        raise ValueError(f"--noise replays the draws of one image, but {len(jobs)} inputs are to be upscaled")
     for outcome in report.outcomes:
         if outcome.status == "failed":
             tqdm.write(f"skipping {outcome.source}: {outcome.detail}")
@@ -171,8 +181,9 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     from ..pipelines.model import load_onestep_model
     from ..pipelines.onestep import OneStepPipeline
 
-    model = load_onestep_model(load_base(args.base, args.tokenizer), args.weights, args.method,
-                               de_net_path=args.de_net).to(device, dtype)
+    model = load_onestep_model(lambda _kind: load_base(args.base, args.tokenizer) if args.base else None,
+                               args.weights, args.method, de_net_path=args.de_net,
+                               **loader_options(args)).to(device, dtype)
     return OneStepPipeline(model, device)
 
 
@@ -185,7 +196,7 @@ def _check_sizes(jobs, pipeline, settings, report, fail_fast: bool):
     kept = []
     for job in jobs:
         try:
-            pipeline.plan(job.info.height, job.info.width, pipeline.resolve(settings))
+            pipeline.working_plan(job.info.height, job.info.width, pipeline.resolve(settings))
         except ValueError as error:
             report.outcomes.append(Outcome(job.source, job.target, FAILED, str(error)))
             tqdm.write(f"skipping {job.source}: {error}")

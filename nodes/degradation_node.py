@@ -6,9 +6,7 @@ import torch
 
 from ..pipelines.onestep import check_degradation
 from ..pipelines.validation import check_images
-from .handle import MODEL_TYPE
-
-DEGRADATION_TYPE = "SR_DEGRADATION"
+from .handle import DEGRADATION_TYPE, MODEL_TYPE
 
 
 class OneStepSRDegradationEstimator:

@@ -34,7 +34,7 @@ class FakePipeline:
     def resolve(self, settings):
         return resolve_settings(self.method, settings)
 
-    def plan(self, height, width, settings):
+    def working_plan(self, height, width, settings):
         return plan_for_method(self.method, height, width, settings)
 
     def __call__(self, image, settings, hooks):
