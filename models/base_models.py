@@ -50,7 +50,10 @@ def load_config(kind: str | Path, part: str) -> dict[str, Any]:
 def _build_on_meta(factory, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     with torch.device("meta"):
         module = factory()
-    result = module.load_state_dict(dict(state), strict=False, assign=True)
+    try:
+        result = module.load_state_dict(dict(state), strict=False, assign=True)
+    except RuntimeError:  # shape mismatches: one line instead of hundreds
+        raise BaseModelError(_shape_mismatch(module, state, what)) from None
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
@@ -63,6 +66,17 @@ def _build_on_meta(factory, state: Mapping[str, torch.Tensor], what: str) -> nn.
                 raise BaseModelError(f"cannot materialise buffer {name} of the {what}")
             owner.register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return module.eval().requires_grad_(False)
+
+
+def _shape_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> str:
+    expected = module.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    example = ""
+    if wrong:
+        key = wrong[0]
+        example = f"; e.g. {key} is {tuple(state[key].shape)}, SD-2.x has {tuple(expected[key].shape)}"
+    return (f"the {what} weights have the layout of SD-2.x but not its sizes ({len(wrong)} tensors differ{example}); "
+            "use SD-2.1-base (OSEDiff) or SD-Turbo (S3Diff, Hero-SR)")
 
 
 def build_unet(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base") -> nn.Module:
@@ -104,22 +118,39 @@ def load_tokenizer(folder: str | Path, pad_token: str | None = None) -> Any:
     if not has_bpe and not (folder / "tokenizer.json").is_file():
         raise BaseModelError(f"tokenizer files (vocab.json + merges.txt, or tokenizer.json) not found in {folder}")
     kwargs = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(folder), **kwargs)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        tokenizer("a photo")  # a broken merges.txt only fails when used
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise BaseModelError(f"the tokenizer in {folder} could not be read ({reason}); use the tokenizer/ folder "
+                             "of an SD-2.x diffusers download") from None
+    return tokenizer
 
 
 def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise BaseModelError(f"base checkpoint not found: {path.name} (looked in {path.parent})")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from .weights_io import WeightsFileError, check_weights_path, torch_load_error
 
+    try:
+        check_weights_path(path, "base checkpoint")
+    except WeightsFileError as error:
+        raise BaseModelError(str(error)) from None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
             return load_file(str(path))
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise BaseModelError(f"could not read base checkpoint {path.name} in {path.parent.resolve()}: it is "
+                                 f"corrupt or truncated ({reason}); download it again") from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise BaseModelError(
-            f"could not read base checkpoint {path.name} in {path.parent}: corrupt or truncated ({error})"
-        ) from error
+        raise BaseModelError(f"could not read base checkpoint {path.name} in {path.parent.resolve()}: "
+                             f"{torch_load_error(path, error)}") from None
+    if not isinstance(state, Mapping):
+        raise BaseModelError(f"base checkpoint {path.name} in {path.parent.resolve()} does not hold a dict of weights")
     return dict(state.get("state_dict", state))
 
 
@@ -292,5 +323,10 @@ def load_base(path: str | Path, tokenizer_dir: str | Path | None = None) -> Base
     if path.is_dir():
         return load_diffusers_base(path)
     if path.exists():
-        return load_single_file_base(path, tokenizer_dir)
-    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent})")
+        try:
+            return load_single_file_base(path, tokenizer_dir)
+        except BaseModelError as error:
+            if path.name in str(error):
+                raise
+            raise BaseModelError(f"base checkpoint {path.name} in {path.parent.resolve()}: {error}") from None
+    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent.resolve()})")

@@ -45,6 +45,7 @@ from ..models.clip_tags import (
     load_vocabulary,
     text_tower_prefixes,
 )
+from ..pipelines.validation import check_images
 from . import comfy_adapter as comfy
 
 IMAGE_CHUNK = 16
@@ -287,4 +288,5 @@ class OneStepSRCLIPPromptExtract:
         }
 
     def extract(self, image, clip_vision, clip, top_k, threshold, user_prompt):
+        image = check_images(image, "CLIP Prompt Extract input 'image'")
         return (extract_prompt(image, clip_vision, clip, top_k, threshold, user_prompt),)

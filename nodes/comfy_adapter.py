@@ -97,6 +97,11 @@ def find_file(folder: str, name: str) -> Path | None:
 
 
 def diffusers_folder(name: str) -> Path:
+    """A folder directly or deeper inside a registered `diffusers` folder; names that would leave it
+    (`..`, absolute paths) are refused, as ComfyUI's own `get_full_path` clean-up confines file names."""
+    clean = os.path.relpath(os.path.join("/", name), "/")
+    if not name or clean != os.path.normpath(name) or clean in (".", "..") or os.path.isabs(name):
+        raise ValueError(f"diffusers folder name {name!r} must name a folder inside models/diffusers")
     for root in folder_locations("diffusers"):
         candidate = Path(root) / name
         if candidate.is_dir():

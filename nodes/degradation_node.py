@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..pipelines.onestep import check_degradation
+from ..pipelines.validation import check_images
 from .handle import DEGRADATION_TYPE, MODEL_TYPE
 
 
@@ -44,6 +45,7 @@ class OneStepSRDegradationEstimator:
         }
 
     def estimate(self, image, onestep_model, mode, blur, noise):
+        image = check_images(image, "Degradation Estimator input 'image'")
         if mode == "manual":
             scores = check_degradation(torch.tensor([[blur, noise]]), image.shape[0]).clone()
         else:

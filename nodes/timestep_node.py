@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..models.dtsm import SELECTION_MODES
+from ..pipelines.validation import check_images
 from .handle import MODEL_TYPE, TIMESTEP_TYPE
 
 
@@ -39,6 +40,7 @@ class OneStepSRTimestep:
         }
 
     def choose(self, image, onestep_model, mode, seed, scale, fixed_timestep):
+        image = check_images(image, "DTSM Timestep input 'image'")
         pipeline = onestep_model.pipeline()
         timesteps, logits = pipeline.predict_timesteps(image, scale=scale, mode=mode, seed=seed,
                                                        fixed=fixed_timestep if mode == "fixed" else None)

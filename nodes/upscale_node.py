@@ -9,6 +9,7 @@ import torch
 from ..models.tiled_vae import NORM_STATS_MODES
 from ..pipelines.color_fix import COLOR_FIX_METHODS
 from ..pipelines.onestep import RunHooks, UpscaleSettings
+from ..pipelines.validation import check_images
 from . import comfy_adapter as comfy
 from .handle import DEGRADATION_INPUT, MODEL_TYPE, TIMESTEP_INPUT
 
@@ -141,6 +142,7 @@ class OneStepSRUpscale:
                 max_megapixels=DEFAULT_MAX_MEGAPIXELS, mask=None, steps=0, unique_id=None):
         with comfy.ui_warnings(unique_id):
             timestep, degradation = self._used_conditions(onestep_model, scale, timestep, degradation)
+            image = check_images(image, "OneStep Upscale input 'image'")
             alpha = _alpha_from_mask(mask, image)
             settings = UpscaleSettings(
                 scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,

@@ -24,6 +24,7 @@ from .latent_tiling import latent_tile_grid, tiled_eps
 from .methods import MethodSpec
 from .model import OneStepModel
 from .resize import resize_image
+from .validation import check_images, check_scale, clamp_to_unit_range, validate_settings
 
 log = logging.getLogger("onestep_sr")
 
@@ -123,27 +124,23 @@ class OneStepPipeline:
     # -- settings -------------------------------------------------------------------------------
     def resolve(self, settings: UpscaleSettings) -> UpscaleSettings:
         """Fill unset fields from the method's defaults."""
-        method = self.model.method
-        return replace(
-            settings,
-            prompt=settings.prompt or method.prompt,
-            color_fix=settings.color_fix or method.color_fix,
-            latent_tile=settings.latent_tile or method.latent_tile,
-            latent_overlap=method.latent_overlap if settings.latent_overlap is None else settings.latent_overlap,
-            vae_encoder_tile=settings.vae_encoder_tile or method.vae_encoder_tile,
-            vae_decoder_tile=settings.vae_decoder_tile or method.vae_decoder_tile,
-            negative_prompt=method.negative_prompt if settings.negative_prompt is None else settings.negative_prompt,
-            guidance=method.guidance if settings.guidance is None else settings.guidance,
-        )
+        return resolve_settings(self.model.method, settings)
 
     def plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
         return plan_for_method(self.model.method, height, width, settings)
+
+    def working_plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
+        """The geometry of one input through this model's backbone, refused above the pixel limit."""
+        plan = self.backbone.plan(height, width, settings)
+        _check_pixels(plan, settings)
+        return plan
 
     # -- per-image conditions on their own (the DTSM Timestep / Degradation Estimator nodes) ---------
     @torch.no_grad()
     def predict_timesteps(self, images: torch.Tensor, scale: float = 4.0, mode: str = "sample", seed: int = 0,
                           fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hero-SR's DTSM on a batch (B, H, W, C): it sees the same upscaled image the UNet will."""
+        images = check_images(images).clamp(0, 1)
         upscaled = upscale_input(self.model.method, images, scale, self.device)
         timesteps, logits = self.model.predict_timesteps(upscaled, mode=mode, seed=seed, fixed=fixed)
         return timesteps.cpu(), logits.cpu()
@@ -151,6 +148,7 @@ class OneStepPipeline:
     @torch.no_grad()
     def estimate_degradation(self, images: torch.Tensor) -> torch.Tensor:
         """S3Diff's degradation scores (B, 2) = (blur, noise) of a batch (B, H, W, C), at input size."""
+        images = check_images(images).clamp(0, 1)
         rgb = split_channels(images.permute(0, 3, 1, 2).float()).rgb
         return self.model.estimate_degradation(rgb.to(self.device)).cpu()
 
@@ -161,15 +159,12 @@ class OneStepPipeline:
     ) -> torch.Tensor:
         """Upscale a batch (B, H, W, C) in [0, 1]; returns (B, H', W', C) float32 on the CPU."""
         settings = self.resolve(settings or UpscaleSettings())
+        validate_settings(settings)
         hooks = hooks or RunHooks()
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[0] == 0:
-            raise ValueError(f"expected an image batch (B, H, W, C), got shape {tuple(images.shape)}")
+        images = clamp_to_unit_range(check_images(images), "image", hooks.warn)
         parts = split_channels(images.permute(0, 3, 1, 2).float())
         backbone = self.backbone
-        plan = backbone.plan(images.shape[1], images.shape[2], settings)
-        _check_pixels(plan, settings)
+        plan = self.working_plan(images.shape[1], images.shape[2], settings)
         x, reference = backbone.prepare(parts.rgb, plan)  # model input; colour-fix reference, [0, 1]
         restored = backbone.run(parts.rgb, x, settings, hooks)
         restored = color_fix(restored, reference, settings.color_fix, settings.color_fix_strength)
@@ -348,6 +343,21 @@ class OneStepPipeline:
         return _TileCounter({"encode": encode * batch, "unet": unet * batch, "decode": decode * batch}, hooks)
 
 
+def resolve_settings(method: MethodSpec, settings: UpscaleSettings) -> UpscaleSettings:
+    """Unset fields filled from the method's defaults."""
+    return replace(
+        settings,
+        prompt=settings.prompt or method.prompt,
+        color_fix=settings.color_fix or method.color_fix,
+        latent_tile=settings.latent_tile or method.latent_tile,
+        latent_overlap=method.latent_overlap if settings.latent_overlap is None else settings.latent_overlap,
+        vae_encoder_tile=settings.vae_encoder_tile or method.vae_encoder_tile,
+        vae_decoder_tile=settings.vae_decoder_tile or method.vae_decoder_tile,
+        negative_prompt=method.negative_prompt if settings.negative_prompt is None else settings.negative_prompt,
+        guidance=method.guidance if settings.guidance is None else settings.guidance,
+    )
+
+
 def _backbone(model, device: torch.device):
     if model.method.backbone == "resshift":
         from .resshift import ResShiftBackbone
@@ -369,20 +379,13 @@ def _check_pixels(plan: ResizePlan, settings: UpscaleSettings) -> None:
 
 def plan_for_method(method: MethodSpec, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
     """The method's preprocessing geometry for one input size, with the pixel limit enforced."""
-    if settings.scale <= 0:
-        raise ValueError(f"scale must be positive, got {settings.scale}")
+    check_scale(settings.scale)
     plan = plan_resize(
         (height, width), settings.scale, min_short_side=int(method.process_size // settings.scale),
         snap=method.snap, enlarge_filter=method.enlarge_filter, upscale_filter=method.upscale_filter,
         snap_filter=method.snap_filter,
     )
-    biggest = max(plan.model_hw[0] * plan.model_hw[1], plan.target_hw[0] * plan.target_hw[1])
-    if biggest > settings.max_output_pixels:
-        raise ImageTooLargeError(
-            f"a {width}x{height} input at x{settings.scale:g} needs a {plan.model_hw[1]}x{plan.model_hw[0]} "
-            f"working image, above the limit of {settings.max_output_pixels} pixels; lower the scale, "
-            "downscale the input, or raise the limit (max_output_pixels / --max-pixels)"
-        )
+    _check_pixels(plan, settings)
     if min(plan.model_hw) < 8 and method.pad_multiple < 8:
         raise ValueError(f"a {width}x{height} input is too small to process at x{settings.scale:g}")
     return plan

@@ -47,6 +47,11 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
         return sorted(found)
 
     def get_full_path(name, filename):
+        """As ComfyUI's: an unknown folder name gives None, and the file name is cleaned up so that
+        '..' or an absolute path cannot leave the registered folders."""
+        if name not in folder_paths.folder_names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
         for folder in folder_paths.folder_names_and_paths[name][0]:
             candidate = os.path.join(folder, filename)
             if os.path.isfile(candidate):
