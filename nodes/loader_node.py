@@ -89,12 +89,13 @@ class OneStepSRLoader:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def check_lazy_status(self, weights, base, dtype, model=None, clip=None, vae=None,
-                          model_config=SHIPPED_CONFIG, unique_id=None):
-        """Ask ComfyUI for MODEL/CLIP/VAE only when the base comes from them."""
+    def check_lazy_status(self, weights, base, dtype, **inputs):
+        """Ask ComfyUI for MODEL/CLIP/VAE only when the base comes from them. ComfyUI passes a linked input
+        that has not run yet as None and leaves unlinked ones out: asking for an unlinked input is an
+        error, and a method without an SD base (HF-Diff, SinSR, ResShift) has none linked."""
         if base != FROM_INPUTS:
             return []
-        return [name for name, value in (("model", model), ("clip", clip), ("vae", vae)) if value is None]
+        return [name for name in ("model", "clip", "vae") if name in inputs and inputs[name] is None]
 
     def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None,
              model_config: str = SHIPPED_CONFIG, unique_id=None):

@@ -114,8 +114,12 @@ def test_unpatched_model_gives_no_warning(comfy, tiny_configs, tiny_base):
 def test_lazy_inputs_are_requested_only_for_an_inputs_base():
     loader = OneStepSRLoader()
     assert loader.check_lazy_status("osediff.pkl", "sd21.safetensors", "auto") == []
-    assert loader.check_lazy_status("osediff.pkl", FROM_INPUTS, "auto", clip=object()) == ["model", "vae"]
-    optional = OneStepSRLoader.INPUT_TYPES.__func__  # noqa: F841 (schema checked in test_node_schema)
+    # linked but not run yet: None (ComfyUI's convention); run already: a value
+    assert loader.check_lazy_status("osediff.pkl", FROM_INPUTS, "auto", model=None, clip=object(),
+                                    vae=None) == ["model", "vae"]
+    # unlinked inputs are not passed at all, and must not be asked for (ComfyUI raises NodeInputError):
+    # a base-free method (HF-Diff) leaves them unlinked
+    assert loader.check_lazy_status("HF-Diff.pth", FROM_INPUTS, "auto") == []
 
 
 def _probe_state(std: float, seed: int = 0) -> dict[str, torch.Tensor]:
