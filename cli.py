@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import cli as training_cli
 
     training_cli.add_parser(commands)
+    from .evaluation.cli import add_parsers as add_evaluation_parsers
+
+    add_evaluation_parsers(commands)  # eval, benchmark-quality (their handlers come with them)
     return parser
 
 
