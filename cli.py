@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timestep", default="auto",
                     help="'auto' (Hero-SR: DTSM sample, seeded; others: the method's t), 'argmax', or N in 0..999")
     up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
+    from .distributed.ray_upscale import add_ray_options
+
+    add_ray_options(up)
 
     tags = commands.add_parser("tags", help="print CLIP tag prompts ('tag1, tag2, ...') for images")
     tags.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -132,6 +135,10 @@ def _output_path(source: Path, output: Path, single: bool, suffix: str) -> Path:
 
 
 def run_upscale(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        from .distributed.ray_upscale import upscale_on_ray
+
+        return upscale_on_ray(args)
     from tqdm import tqdm
 
     from .models.base_models import load_base

@@ -47,7 +47,7 @@ def _hub(folder: Path):
 
 
 def write_torchvision_backbones(folder: Path) -> None:
-    from torchvision.models import VGG16_Weights, AlexNet_Weights, alexnet, vgg16
+    from torchvision.models import AlexNet_Weights, VGG16_Weights, alexnet, vgg16
 
     torch.manual_seed(0)
     for build, weights in ((alexnet, AlexNet_Weights.IMAGENET1K_V1), (vgg16, VGG16_Weights.IMAGENET1K_V1)):
@@ -93,8 +93,9 @@ def write_metric_weights(folder: Path, metrics: tuple[str, ...]) -> Path:
             if name in metrics:
                 import timm
 
-                create = timm.create_model
-                with mock.patch.object(timm, "create_model", lambda n, **kw: create(n, **{**kw, "pretrained": False})):
+                from onestep_sr.evaluation.metric_weights import _timm_without_pretrained
+
+                with mock.patch.object(timm, "create_model", _timm_without_pretrained(timm.create_model)):
                     net = maniqa_arch.MANIQA(pretrained=False, train_dataset=key, scale=scale)
                 _save(_compact(net.state_dict()), _pyiqa(folder, maniqa_arch.default_model_urls[key]))
         if "topiq_nr" in metrics:
