@@ -8,6 +8,7 @@ The matching, problem reporting and means stay in `evaluation.runner`; this only
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .ray_upscale import connect, import_ray
@@ -25,7 +26,8 @@ class _MetricWorker:
         from ..evaluation.pairs import ImagePair
 
         scored, problem = self.scorer.score(ImagePair(row["name"], Path(row["prediction"]), Path(row["ground_truth"])))
-        return {"name": row["name"], "row": scored or {}, "problem": problem or {}}
+        # JSON text: rows and problems have different keys, which Arrow blocks would not concatenate
+        return {"name": row["name"], "row": json.dumps(scored), "problem": json.dumps(problem)}
 
 
 def ray_pair_scorer(address: str, specs, weights_dir: Path, device, allow_download: bool, workers: int | None):
@@ -43,6 +45,6 @@ def ray_pair_scorer(address: str, specs, weights_dir: Path, device, allow_downlo
                                                      "device": "cuda" if gpus else str(device),
                                                      "allow_download": allow_download})
         for result in dataset.iter_rows():
-            yield (result["row"] or None), (result["problem"] or None)
+            yield json.loads(result["row"]), json.loads(result["problem"])
 
     return score_pairs

@@ -152,9 +152,10 @@ def test_weight_file_that_is_not_plain_tensors_is_refused(tmp_path):
 
 
 # One metric per loading path: torchvision backbone + pyiqa file (lpips), .mat (niqe), raw state dict
-# (musiq), "params" wrapper with the backbone inside (topiq-nr), weights by URL only (fid). DISTS,
-# CLIPIQA (TorchScript archive) and MANIQA take minutes on a CPU: the slow test below.
-LEARNED = ("lpips", "fid", "niqe", "musiq", "topiq-nr")
+# (musiq), "params" wrapper with the backbone inside (topiq-nr). DISTS (VGG16), CLIPIQA (TorchScript
+# archive), MANIQA (ViT-B/8 x 20 crops) and FID (a 2048x2048 matrix square root) take minutes on a
+# shared CPU: the slow test below.
+LEARNED = ("lpips", "niqe", "musiq", "topiq-nr")
 SLOW = ("dists", "clipiqa", "maniqa-pipal", "maniqa-koniq")
 
 
@@ -195,7 +196,7 @@ def test_slow_metrics_load_local_weights(tmp_path):
         pytest.skip("set ONESTEP_SR_SLOW_TESTS=1 to run")
     from synthetic_metric_weights import write_metric_weights
 
-    weights = write_metric_weights(tmp_path / "w", tuple(METRICS[name].pyiqa_name for name in SLOW))
+    weights = write_metric_weights(tmp_path / "w", tuple(METRICS[name].pyiqa_name for name in (*SLOW, "fid")))
     image = torch.rand(1, 3, 224, 224)
     reference = (image + 0.05 * torch.randn_like(image)).clamp(0, 1)
     for name in SLOW:
@@ -204,6 +205,19 @@ def test_slow_metrics_load_local_weights(tmp_path):
             lambda m=metric: m(image))
         first, second = float(call()), float(call())
         assert math.isfinite(first) and first == second, name
+
+    rng = np.random.default_rng(4)  # FID on the scored pairs only (links in a temp folder)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir(), gt.mkdir()
+    for index in range(3):
+        truth = _photo_like(rng, 96)
+        Image.fromarray(truth).save(gt / f"{index}.png")
+        Image.fromarray(_degrade(rng, truth, 8.0)).save(pred / f"{index}.png")
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(pred / "extra.png")
+    first = evaluate(pred, gt, parse_metric_names("fid"), weights_dir=weights, device=CPU, progress=False)
+    (pred / "extra.png").unlink()
+    second = evaluate(pred, gt, parse_metric_names("fid"), weights_dir=weights, device=CPU, progress=False)
+    assert math.isfinite(first.mean["fid"]) and first.mean["fid"] == second.mean["fid"]
 
 
 def test_maniqa_name_is_ambiguous():

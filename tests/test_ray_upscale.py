@@ -43,6 +43,9 @@ def test_ray_run_equals_single_process_resumes_and_reports_bad_files(local_ray, 
     good, mixed, tmp = folders
     weights = osediff_pkl[0]
     import torch
+
+    # Ray's CPU actors run with one thread; the reference run uses one too, since another thread count
+    # changes float summation order (about one 8-bit value in 10^4 moves by 1).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
