@@ -28,7 +28,7 @@ class MetricSpec:
 
     @property
     def arrow(self) -> str:
-        return "↓" if self.lower_better else "↑"
+        return "\u2193" if self.lower_better else "\u2191"  # down / up arrows, as in the papers
 
 
 _SPECS = [

@@ -1,5 +1,5 @@
 """Evaluation results as the papers print them: one row of means per method, metric columns in
-the order of OSEDiff's Table 1 with ↑/↓, and the papers' decimals (PSNR, FID, MUSIQ: 2; others: 4).
+the order of OSEDiff's Table 1 with up/down arrows, and the papers' decimals (PSNR, FID, MUSIQ: 2; others: 4).
 Per-image rows go to CSV; everything goes to JSON.
 """
 
