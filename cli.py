@@ -10,15 +10,22 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from .cli_resshift import describe_method
 
 log = logging.getLogger("onestep_sr")
 
 
 def _pick_device(name: str) -> torch.device:
+    """The device asked for, after checking that this torch build and machine have it."""
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device cuda: {why}; use --device cpu (or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: Apple's Metal backend is not available here; use --device cpu (or auto)")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -37,52 +44,13 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import upscale_cli
+
     parser = argparse.ArgumentParser(prog="onestep-sr", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("upscale", help="upscale image files or folders")
-    up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders of images")
-    up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
-    up.add_argument("--base", required=True, help="SD-2.x base: a diffusers folder or a single-file .safetensors")
-    up.add_argument("--weights", required=True, help="method weights (osediff.pkl or its .safetensors export)")
-    up.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (needed for a single-file base)")
-    up.add_argument("--method", default="auto", choices=["auto", "osediff", "s3diff", "hero_sr"],
-                    help="default: read from the weights")
-    up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
-    up.add_argument("--prompt", default=None,
-                    help="text prompt (OSEDiff was trained with 'tag1, tag2, ...'); 'auto': CLIP tags (needs --clip)")
-    up.add_argument("--clip", default=None, help="a transformers CLIPModel folder, for --prompt auto")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None,
-                    help="colour correction against the upscaled input (default: the method's)")
-    up.add_argument("--latent-tile", type=int, default=None, help="UNet tile size in latent px (default 96)")
-    up.add_argument("--latent-overlap", type=int, default=None, help="UNet tile overlap in latent px (default 32)")
-    up.add_argument("--vae-encoder-tile", type=int, default=None, help="VAE encoder tile in image px (default 1024)")
-    up.add_argument("--vae-decoder-tile", type=int, default=None, help="VAE decoder tile in latent px (default 224)")
-    up.add_argument("--tile-batch", type=int, default=4, help="tiles per batch (default 4)")
-    up.add_argument("--vae-stats", choices=["auto", "exact", "estimated"], default="auto",
-                    help="tiled VAE GroupNorm statistics: exact (all tiles alive at once), estimated (bounded "
-                         "memory, measured on probe tiles first), auto (exact when it fits in free memory)")
-    up.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                    help="model precision (auto: fp16 on GPU, fp32 on CPU)")
-    up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    up.add_argument("--seed", type=int, default=None,
-                    help="sample the VAE latent with this seed (default: the latent mean, deterministic)")
-    up.add_argument("--output-size", choices=["exact", "native"], default="exact",
-                    help="exact: scale x input (default); native: the size the model worked at (as the official code saves)")
-    up.add_argument("--max-pixels", type=int, default=8192 * 8192, help="refuse outputs larger than this")
-    up.add_argument("--suffix", default="", help="added to output file names, e.g. _x4")
-    up.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: the method's)")
-    up.add_argument("--guidance", type=float, default=None,
-                    help="CFG scale (default: the method's; S3Diff 1.07). 1 skips the negative pass")
-    up.add_argument("--degradation", default="auto",
-                    help="S3Diff: 'auto' (estimate) or BLUR,NOISE in [0, 1], e.g. 0.3,0.2")
-    up.add_argument("--de-net", default=None, help="S3Diff's de_net.pth (default: beside the weights file)")
-    up.add_argument("--timestep", default="auto",
-                    help="'auto' (Hero-SR: DTSM sample, seeded; others: the method's t), 'argmax', or N in 0..999")
-    up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
-    from .distributed.ray_upscale import add_ray_options
-
-    add_ray_options(up)
+    upscale_cli.add_parser(commands)
 
     tags = commands.add_parser("tags", help="print CLIP tag prompts ('tag1, tag2, ...') for images")
     tags.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -122,74 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import cli as training_cli
 
     training_cli.add_parser(commands)
+
+    from .downloads.cli import add_parser as add_fetch_weights
+
+    add_fetch_weights(commands)
     from .evaluation.cli import add_parsers as add_evaluation_parsers
 
     add_evaluation_parsers(commands)  # eval, benchmark-quality (their handlers come with them)
     return parser
-
-
-def _output_path(source: Path, output: Path, single: bool, suffix: str) -> Path:
-    if single and output.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}:
-        return output
-    return output / f"{source.stem}{suffix}.png"
-
-
-def run_upscale(args: argparse.Namespace) -> int:
-    if args.ray is not None:
-        from .distributed.ray_upscale import upscale_on_ray
-
-        return upscale_on_ray(args)
-    from tqdm import tqdm
-
-    from .models.base_models import load_base
-    from .pipelines.image_io import collect_inputs, load_image, save_image
-    from .pipelines.model import load_onestep_model
-    from .pipelines.onestep import OneStepPipeline, RunHooks, UpscaleSettings
-
-    inputs = collect_inputs(args.inputs)
-    device = _pick_device(args.device)
-    dtype = _pick_dtype(args.dtype, device)
-    model = load_onestep_model(load_base(args.base, args.tokenizer), args.weights, args.method,
-                               de_net_path=args.de_net).to(device, dtype)
-    pipeline = OneStepPipeline(model, device)
-    timestep_mode, fixed_timestep = _parse_timestep(args.timestep)
-    if args.prompt == "auto" and not args.clip:
-        raise ValueError("--prompt auto needs --clip FOLDER (a transformers CLIPModel folder)")
-    tagger = _Tagger(args.clip, device) if args.prompt == "auto" else None
-    degradation = _parse_degradation(args.degradation)
-    settings = UpscaleSettings(
-        scale=args.scale, prompt=args.prompt, color_fix=args.color_fix, latent_tile=args.latent_tile,
-        latent_overlap=args.latent_overlap, vae_encoder_tile=args.vae_encoder_tile,
-        vae_decoder_tile=args.vae_decoder_tile, tile_batch=args.tile_batch, seed=args.seed,
-        vae_norm_stats=args.vae_stats, output_size=args.output_size, max_output_pixels=args.max_pixels,
-        negative_prompt=args.negative_prompt,
-        guidance=args.guidance, degradation=degradation, timesteps=fixed_timestep, timestep_seed=args.timestep_seed,
-    )
-    output = Path(args.output)
-    with tqdm(total=len(inputs), unit="img", desc="upscaling") as bar:
-        for source in inputs:
-            tiles = tqdm(leave=False, unit="tile", desc=source.name)
-
-            def progress(done: int, total: int, tiles=tiles) -> None:
-                tiles.total = total
-                tiles.n = done
-                tiles.refresh()
-
-            image = load_image(source).unsqueeze(0)
-            run_settings = settings
-            if tagger is not None:
-                run_settings = replace(settings, prompt=tagger.prompt(image[0]))
-                bar.write(f"{source.name}: prompt {run_settings.prompt!r}")
-            if timestep_mode == "argmax":
-                chosen, _ = pipeline.predict_timesteps(image, scale=args.scale, mode="argmax")
-                run_settings = replace(settings, timesteps=chosen)
-            result = pipeline(image, run_settings, RunHooks(progress=progress, warn=tqdm.write))
-            tiles.close()
-            target = _output_path(source, output, len(inputs) == 1, args.suffix)
-            save_image(result[0], target)
-            bar.write(f"{source} -> {target} ({result.shape[2]}x{result.shape[1]})")
-            bar.update(1)
-    return 0
 
 
 def _parse_timestep(text: str) -> tuple[str, int | None]:
@@ -243,24 +151,24 @@ def _print_rows(rows: list[dict], as_json: bool, describe) -> int:
 
 
 def run_tags(args: argparse.Namespace) -> int:
-    from .pipelines.image_io import collect_inputs, load_image
+    from .batch.images import load_image
 
     tagger = _Tagger(args.clip, _pick_device(args.device))
     rows = [{"file": str(source), "prompt": tagger.prompt(load_image(source), args.top_k, args.threshold, args.user)}
-            for source in collect_inputs(args.inputs)]
+            for source in _input_paths(args.inputs)]
     return _print_rows(rows, args.json, lambda row: row["prompt"])
 
 
 def run_estimate(args: argparse.Namespace) -> int:
+    from .batch.images import load_image
     from .models.degradation_estimator import estimate, load_degradation_estimator
     from .pipelines.channels import split_channels
-    from .pipelines.image_io import collect_inputs, load_image
 
     device = _pick_device(args.device)
     de_net = Path(args.de_net) if args.de_net else Path(args.weights).parent / "de_net.pth"
     module = load_degradation_estimator(de_net).to(device)
     rows = []
-    for source in collect_inputs(args.inputs):
+    for source in _input_paths(args.inputs):
         rgb = split_channels(load_image(source).permute(2, 0, 1)[None]).rgb
         scores = estimate(module, rgb.to(device))[0].tolist()
         rows.append({"file": str(source), "blur": scores[0], "noise": scores[1]})
@@ -268,8 +176,8 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def run_timestep(args: argparse.Namespace) -> int:
+    from .batch.images import load_image
     from .models.base_models import load_base
-    from .pipelines.image_io import collect_inputs, load_image
     from .pipelines.model import load_onestep_model
     from .pipelines.onestep import OneStepPipeline
 
@@ -277,24 +185,34 @@ def run_timestep(args: argparse.Namespace) -> int:
     model = load_onestep_model(load_base(args.base), args.weights).to(device, torch.float32)
     pipeline = OneStepPipeline(model, device)
     rows = []
-    for source in collect_inputs(args.inputs):
+    for source in _input_paths(args.inputs):
         t, logits = pipeline.predict_timesteps(load_image(source).unsqueeze(0), scale=args.scale, mode=args.mode,
                                                seed=args.seed)
         rows.append({"file": str(source), "timestep": int(t[0]), "logits": logits[0].tolist()})
     return _print_rows(rows, args.json, lambda row: f"t = {row['timestep']}")
 
 
+def _input_paths(items: list[str]) -> list[Path]:
+    from .batch.plan import list_inputs
+
+    return [item.path for item in list_inputs(items)]
+
+
 def run_convert(args: argparse.Namespace) -> int:
+    from .batch.atomic import atomic_write
     from .models.method_weights import detect_method
-    from .models.weights_io import read_weights_file, write_safetensors_export
+    from .models.weights_io import read_weights_file, safetensors_export_bytes
 
     source, target = Path(args.source), Path(args.target)
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise ValueError(f"convert would overwrite its source {source}; give another target")
     data = read_weights_file(source)
     method = detect_method(data, source.name)
-    if target.suffix == ".safetensors":
-        write_safetensors_export(data, target, method)
-    else:
-        torch.save(data, target)
+    with atomic_write(target) as stream:  # never a half-written file, even on Ctrl-C
+        if target.suffix == ".safetensors":
+            stream.write(safetensors_export_bytes(data, method))
+        else:
+            torch.save(data, stream)
     print(f"{source.name} ({method}) -> {target}")
     return 0
 
@@ -304,20 +222,34 @@ def run_info(args: argparse.Namespace) -> int:
     from .models.weights_io import read_weights_file
 
     path = Path(args.weights)
-    print(f"{path.name}: {detect_method(read_weights_file(path), path.name)}")
+    print(f"{path.name}: {describe_method(detect_method(read_weights_file(path), path.name))}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    handlers = {"upscale": run_upscale, "convert": run_convert, "info": run_info, "estimate": run_estimate,
+    handlers = {"convert": run_convert, "info": run_info, "estimate": run_estimate,
                 "timestep": run_timestep, "tags": run_tags}
+    handler = getattr(args, "handler", None) or handlers[args.command]
     try:
-        return handlers.get(args.command, getattr(args, "handler", None))(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
-        print(f"onestep-sr: error: {error}", file=sys.stderr)
+        return handler(args)
+    except KeyboardInterrupt:
+        print("onestep-sr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"onestep-sr: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """Our errors carry their own message; anything else is named by type, with a hint for the traceback."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, OSError, NotImplementedError)) and not isinstance(error, UnicodeError):
+        return text
+    return f"{type(error).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

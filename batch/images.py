@@ -54,10 +54,19 @@ _FORMATS: dict[str, tuple[str, frozenset[int], frozenset[int]]] = {
 }
 _SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {"compress_level": 6}}
 _RGB_MODES = {"RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
+_ORIENTATION = 0x0112  # EXIF tag
 
 
 class ImageError(ValueError):
     """An image cannot be read or written as asked; the message names the file and its folder."""
+
+
+class ImageTooLargeError(ImageError):
+    """`probe_image`'s pixel limit, found from the header before anything was decoded."""
+
+    def __init__(self, message: str, width: int, height: int):
+        super().__init__(message)
+        self.width, self.height = width, height
 
 
 @dataclass(frozen=True)
@@ -84,15 +93,31 @@ def where(path: Path) -> str:
     return f"{path.name} in {path.parent.resolve()}"
 
 
-def probe_image(path: Path | str) -> ImageInfo:
-    """Header, `Image.verify()` and a full decode; raises `ImageError` for anything unreadable."""
+def probe_image(path: Path | str, max_pixels: int | None = None) -> ImageInfo:
+    """Header, `Image.verify()` and a full decode in the file's own mode (no float copy); raises
+    `ImageError` for anything unreadable, or larger than `max_pixels` (checked before decoding)."""
     path = Path(path)
     with _open(path) as image:
         try:
             image.verify()
         except Exception as error:
             raise _unreadable(path, error) from None
-    return read_image(path).info
+    with _open(path) as image:
+        width, height = image.size
+        if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(f"{where(path)} is {width}x{height}, more than {max_pixels} pixels", width, height)
+        try:
+            image.seek(0)
+            image.load()
+        except Exception as error:
+            raise _unreadable(path, error) from None
+        if width == 0 or height == 0:
+            raise ImageError(f"{where(path)} has no pixels")
+        frames = int(getattr(image, "n_frames", 1) or 1)
+        channels, bits = _channels_and_bits(image)
+        return ImageInfo(path, width, height, image.mode, channels, bits, frames)
 
 
 def read_image(path: Path | str) -> LoadedImage:
@@ -246,6 +271,26 @@ def _to_array(image: Image.Image, path: Path) -> tuple[np.ndarray, int, str]:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"{where(path)} has no pixels")
     return array, 8, ""
+
+
+def _channels_and_bits(image: Image.Image) -> tuple[int, int]:
+    """What `_to_array` will make of this image: channels of the IMAGE and bits of the source."""
+    mode, transparent = image.mode, "transparency" in image.info
+    if mode.startswith("I;16") or mode == "I":
+        return 1, 16
+    if mode == "F":
+        return 1, 32
+    if mode in ("1", "L"):
+        return (2 if transparent and mode == "L" else 1), 8
+    if mode in ("LA", "La"):
+        return 2, 8
+    if mode in ("P", "PA"):
+        return (4 if mode == "PA" or transparent else 3), 8
+    if mode in ("RGBA", "RGBa"):
+        return 4, 8
+    if mode in _RGB_MODES:
+        return (4 if mode == "RGB" and transparent else 3), 8
+    return (4 if "A" in image.getbands() else 3), 8
 
 
 def _bits_per_sample(image: Image.Image) -> int | None:

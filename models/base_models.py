@@ -50,7 +50,10 @@ def load_config(kind: str | Path, part: str) -> dict[str, Any]:
 def _build_on_meta(factory, state: Mapping[str, torch.Tensor], what: str) -> nn.Module:
     with torch.device("meta"):
         module = factory()
-    result = module.load_state_dict(dict(state), strict=False, assign=True)
+    try:
+        result = module.load_state_dict(dict(state), strict=False, assign=True)
+    except RuntimeError:  # shape mismatches: one line instead of hundreds
+        raise BaseModelError(_shape_mismatch(module, state, what)) from None
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
@@ -63,6 +66,17 @@ def _build_on_meta(factory, state: Mapping[str, torch.Tensor], what: str) -> nn.
                 raise BaseModelError(f"cannot materialise buffer {name} of the {what}")
             owner.register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return module.eval().requires_grad_(False)
+
+
+def _shape_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> str:
+    expected = module.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    example = ""
+    if wrong:
+        key = wrong[0]
+        example = f"; e.g. {key} is {tuple(state[key].shape)}, SD-2.x has {tuple(expected[key].shape)}"
+    return (f"the {what} weights have the layout of SD-2.x but not its sizes ({len(wrong)} tensors differ{example}); "
+            "use SD-2.1-base (OSEDiff) or SD-Turbo (S3Diff, Hero-SR)")
 
 
 def build_unet(state: Mapping[str, torch.Tensor], kind: str | Path = "sd21_base") -> nn.Module:
@@ -104,36 +118,115 @@ def load_tokenizer(folder: str | Path, pad_token: str | None = None) -> Any:
     if not has_bpe and not (folder / "tokenizer.json").is_file():
         raise BaseModelError(f"tokenizer files (vocab.json + merges.txt, or tokenizer.json) not found in {folder}")
     kwargs = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(folder), **kwargs)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        tokenizer("a photo")  # a broken merges.txt only fails when used
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise BaseModelError(f"the tokenizer in {folder} could not be read ({reason}); use the tokenizer/ folder "
+                             "of an SD-2.x diffusers download") from None
+    return tokenizer
 
 
 def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise BaseModelError(f"base checkpoint not found: {path.name} (looked in {path.parent})")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from .weights_io import WeightsFileError, check_weights_path, torch_load_error
 
+    try:
+        check_weights_path(path, "base checkpoint")
+    except WeightsFileError as error:
+        raise BaseModelError(str(error)) from None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
             return load_file(str(path))
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise BaseModelError(f"could not read base checkpoint {path.name} in {path.parent.resolve()}: it is "
+                                 f"corrupt or truncated ({reason}); download it again") from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise BaseModelError(
-            f"could not read base checkpoint {path.name} in {path.parent}: corrupt or truncated ({error})"
-        ) from error
+        raise BaseModelError(f"could not read base checkpoint {path.name} in {path.parent.resolve()}: "
+                             f"{torch_load_error(path, error)}") from None
+    if not isinstance(state, Mapping):
+        raise BaseModelError(f"base checkpoint {path.name} in {path.parent.resolve()} does not hold a dict of weights")
     return dict(state.get("state_dict", state))
 
 
-def _require_sd2(state: Mapping[str, torch.Tensor], name: str) -> None:
-    from . import ldm_convert
+# The published epsilon-prediction SD-2.x bases each method was trained on.
+BASE_FILES = {
+    "sd21_base": "SD-2.1-base (v2-1_512-ema-pruned.safetensors)",
+    "sd_turbo": "SD-Turbo (sd_turbo.safetensors)",
+}
+FAMILY_NAMES = {"sd1": "an SD-1.x", "sdxl": "an SDXL", "unknown": "not a Stable Diffusion 2.x"}
+# ComfyUI's SD-2 rule (supported_models.SD20.model_type): v-prediction training leaves this LayerNorm bias
+# far from its zero init; epsilon models (512-base, Turbo) stay close to it.
+V_PRED_PROBE_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+V_PRED_PROBE_STD = 0.09
+V_PRED_PROBE_WIDTH = 320  # SD-2's last output block (the full-size layout the rule was made for)
 
-    kind = ldm_convert.detect_base(state)
-    if kind == "sd2":
+
+def needed_base(kind: str | None = None) -> str:
+    """The base a method needs, named by its published file (all methods when `kind` is None)."""
+    if kind in BASE_FILES:
+        return BASE_FILES[kind]
+    return f"{BASE_FILES['sd21_base']} for OSEDiff, {BASE_FILES['sd_turbo']} for S3Diff/Hero-SR"
+
+
+def require_sd2_family(family: str, name: str) -> None:
+    """One line instead of a wall of size mismatches when the base is SD-1.x, SDXL or another family."""
+    if family == "sd2":
         return
-    names = {"sd1": "an SD-1.x", "sdxl": "an SDXL", "unknown": "not a Stable Diffusion 2.x"}
     raise BaseModelError(
-        f"{name} is {names.get(kind, kind)} checkpoint; the one-step SR methods need an SD-2.x base "
+        f"{name} is {FAMILY_NAMES.get(family, family)} checkpoint; the one-step SR methods need an SD-2.x base "
         "(SD-2.1-base for OSEDiff, SD-Turbo for S3Diff/Hero-SR)"
     )
+
+
+def require_epsilon(prediction: str, name: str, kind: str | None = None) -> None:
+    """Refuse v-prediction (SD-2.x 768-v) and other non-epsilon bases: they run but give wrong colours."""
+    if prediction in ("epsilon", "unknown"):
+        return
+    what = "a v-prediction" if prediction == "v_prediction" else f"a {prediction}"
+    raise BaseModelError(
+        f"{name} is {what} model (like SD-2.1 768-v); the one-step SR methods need an epsilon-prediction "
+        f"base: {needed_base(kind)}"
+    )
+
+
+def prediction_from_state(state: Mapping[str, torch.Tensor]) -> str:
+    """'v_prediction' or 'epsilon' for a single-file SD-2.x checkpoint or bare LDM UNet dict.
+
+    An explicit `v_pred` marker key decides; otherwise ComfyUI's heuristic on one LayerNorm bias
+    (SD-2 512-base and 768-v share the architecture, so only the trained values tell them apart)."""
+    if "v_pred" in state:
+        return "v_prediction"
+    for prefix in ("model.diffusion_model.", ""):
+        bias = state.get(prefix + V_PRED_PROBE_KEY)
+        # only on the real SD-2 layout (width 1024), where the 0.09 threshold was calibrated
+        if bias is not None and bias.numel() == V_PRED_PROBE_WIDTH:
+            std = float(bias.float().std(unbiased=False))
+            return "v_prediction" if std > V_PRED_PROBE_STD else "epsilon"
+    return "epsilon"
+
+
+def diffusers_family(unet_config: Mapping[str, Any]) -> tuple[str, str]:
+    """(family, prediction) of a diffusers UNet config (+ its scheduler's prediction_type, if given)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        family = "sdxl"
+    elif unet_config.get("cross_attention_dim") == 768:
+        family = "sd1"
+    else:
+        family = "sd2"
+    return family, str(unet_config.get("prediction_type", "epsilon"))
+
+
+def _require_sd2(state: Mapping[str, torch.Tensor], name: str, kind: str | None = None) -> None:
+    from . import ldm_convert
+
+    require_sd2_family(ldm_convert.detect_base(state), name)
+    require_epsilon(prediction_from_state(state), name, kind)
 
 
 def base_from_ldm_state(
@@ -163,15 +256,15 @@ def base_from_ldm_state(
 
 
 def load_single_file_base(path: str | Path, tokenizer_dir: str | Path | None = None,
-                          kind: str | Path = "sd21_base") -> BaseModels:
+                          kind: str | Path = "sd21_base", needs: str | None = None) -> BaseModels:
     """An SD-2.x single-file checkpoint (LDM layout). The file carries no tokenizer, so one must
     come from `tokenizer_dir` (or the host); without it the base can only run with precomputed
-    prompt embeddings."""
+    prompt embeddings. `needs` (a method's base kind) names the right file in a refusal."""
     from . import ldm_convert
 
     path = Path(path)
     state = _read_state_file(path)
-    _require_sd2(state, path.name)
+    _require_sd2(state, path.name, needs)
     parts = ldm_convert.split_single_file(state)
     if not parts.text:
         raise BaseModelError(f"{path.name} holds no text encoder (cond_stage_model.*); use a full SD-2.x checkpoint")
@@ -180,7 +273,27 @@ def load_single_file_base(path: str | Path, tokenizer_dir: str | Path | None = N
                                source=str(path))
 
 
-def load_diffusers_base(folder: str | Path) -> BaseModels:
+def _diffusers_prediction(folder: Path) -> str:
+    config = folder / "scheduler" / "scheduler_config.json"
+    try:
+        return str(json.loads(config.read_text()).get("prediction_type", "epsilon"))
+    except (OSError, ValueError):
+        return "epsilon"  # no readable scheduler config: the UNet alone cannot tell
+
+
+def check_diffusers_base(folder: str | Path, needs: str | None = None) -> None:
+    """Family and prediction type from the folder's configs, before any weights are read."""
+    folder = Path(folder)
+    try:
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # from_pretrained reports a missing or broken config with its own message
+    family, _ = diffusers_family(unet_config)
+    require_sd2_family(family, f"diffusers folder {folder.name}")
+    require_epsilon(_diffusers_prediction(folder), f"diffusers folder {folder.name}", needs)
+
+
+def load_diffusers_base(folder: str | Path, needs: str | None = None) -> BaseModels:
     """A diffusers folder (unet/, vae/, text_encoder/, tokenizer/), read locally only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -189,6 +302,7 @@ def load_diffusers_base(folder: str | Path) -> BaseModels:
     for part in ("unet", "vae", "text_encoder", "tokenizer"):
         if not (folder / part).is_dir():
             raise BaseModelError(f"diffusers base folder {folder.name} has no {part}/ subfolder (looked in {folder})")
+    check_diffusers_base(folder, needs)
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True)
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True)
@@ -209,5 +323,10 @@ def load_base(path: str | Path, tokenizer_dir: str | Path | None = None) -> Base
     if path.is_dir():
         return load_diffusers_base(path)
     if path.exists():
-        return load_single_file_base(path, tokenizer_dir)
-    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent})")
+        try:
+            return load_single_file_base(path, tokenizer_dir)
+        except BaseModelError as error:
+            if path.name in str(error):
+                raise
+            raise BaseModelError(f"base checkpoint {path.name} in {path.parent.resolve()}: {error}") from None
+    raise BaseModelError(f"base model not found: {path.name} (looked in {path.parent.resolve()})")

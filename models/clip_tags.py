@@ -103,13 +103,17 @@ def load_vocabulary(path: str | Path = VOCABULARY_PATH) -> list[str]:
     return tags
 
 
-def format_prompt(tags: Sequence[str], user_text: str = "") -> str:
+def format_prompt(tags: Sequence[str], user_text: str = "", drop_empty: bool = False) -> str:
     """The prompt exactly as OSEDiff builds it: `f"{', '.join(tags)}, {user_text},"`.
 
     OSEDiff's tagger joins its tags with ", " and test_osediff.py then writes
     f"{captions[0]}, {args.prompt},". Both parts are used verbatim, so an empty user text gives
-    "a, b, ," and no tags give ", {user_text},".
+    "a, b, ," and no tags give ", {user_text},". `drop_empty` leaves out empty parts instead
+    ("a, b,"), as the ComfyUI node does: no dangling commas in a prompt users read and edit.
     """
+    if drop_empty:
+        parts = [*tags, user_text.strip()] if user_text.strip() else list(tags)
+        return f"{', '.join(parts)}," if parts else ""
     return f"{', '.join(tags)}, {user_text},"
 
 
@@ -233,6 +237,22 @@ class TagScorer:
         owner = cache_owner if cache_owner is not None else getattr(encode_texts, "__self__", encode_texts)
         self._owner = owner
         self._key = (id(owner), cache_tag, vocabulary_digest(self.vocabulary, self.templates))
+
+    @property
+    def vocabulary_key(self) -> str:
+        """Identifies the vocabulary and templates (part of any on-disk cache key)."""
+        return self._key[2]
+
+    def has_text_embeddings(self) -> bool:
+        return self._key in _TEXT_CACHE
+
+    def set_text_embeddings(self, embeddings: Tensor) -> None:
+        """Seed the cache (e.g. from disk); must be what text_embeddings() would compute."""
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(self.vocabulary):
+            raise ClipTagsError(f"cached tag embeddings have shape {tuple(embeddings.shape)}, expected "
+                                f"({len(self.vocabulary)}, D)")
+        _watch(self._owner)
+        _TEXT_CACHE[self._key] = embeddings.float().cpu()
 
     def text_embeddings(self) -> Tensor:
         """(N, D) normalised template-ensembled tag embeddings, float32 on the CPU (cached)."""

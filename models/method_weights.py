@@ -17,7 +17,7 @@ import torch
 from .lora import PEFT_DEFAULT_ALPHA, LoRAAdapter, LoRAFormatError, split_peft_state_dict
 from .weights_io import WeightsFileError
 
-KNOWN_METHODS = ("osediff", "s3diff", "hero_sr")
+KNOWN_METHODS = ("osediff", "s3diff", "hero_sr", "sinsr", "hf_diff", "resshift", "resshift_s4")
 OSEDIFF_UNET_ADAPTERS = {
     "default_encoder": "unet_lora_encoder_modules",
     "default_decoder": "unet_lora_decoder_modules",
@@ -26,7 +26,17 @@ OSEDIFF_UNET_ADAPTERS = {
 
 
 def detect_method(data: Mapping[str, Any], filename: str = "weights") -> str:
-    """Name the method a weights dict belongs to, from its characteristic keys."""
+    """Name the method a weights dict belongs to, from its characteristic keys (for the ResShift
+    family, whose files share one layout, from the file name)."""
+    from .resshift.weights import is_swin_unet, is_vq_autoencoder, method_from_name
+
+    if is_swin_unet(data):
+        return method_from_name(filename)
+    if is_vq_autoencoder(data):
+        raise WeightsFileError(
+            f"{filename} is the VQ-f4 autoencoder of ResShift/SinSR/HF-Diff: choose the model file (HF-Diff.pth, "
+            "SinSR_v1.pth, resshift_realsrx4_s15_v2.pth, ...) as the weights and keep the autoencoder beside it"
+        )
     if "state_dict_time_adaptive" in data:
         return "hero_sr"
     if "state_dict_unet_de_mlp" in data or "state_dict_unet_fuse_mlp" in data:
@@ -45,7 +55,8 @@ def detect_method(data: Mapping[str, Any], filename: str = "weights") -> str:
         )
     preview = ", ".join(sorted(map(str, data))[:6])
     raise WeightsFileError(
-        f"{filename} is not a recognised OneStep SR weights file (OSEDiff, S3Diff or Hero-SR); its keys are: {preview}"
+        f"{filename} is not a recognised OneStep SR weights file (OSEDiff, S3Diff, Hero-SR, SinSR, HF-Diff or "
+        f"ResShift); its keys are: {preview}"
     )
 
 

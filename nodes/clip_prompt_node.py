@@ -25,7 +25,11 @@ ComfyUI is reached only through the small functions at the top (lazy imports).
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +45,12 @@ from ..models.clip_tags import (
     load_vocabulary,
     text_tower_prefixes,
 )
+from ..pipelines.validation import check_images
 from . import comfy_adapter as comfy
 
 IMAGE_CHUNK = 16
+DISK_CACHE_VERSION = 1  # bump when the embedding computation changes
+log = logging.getLogger("onestep_sr")
 
 # --------------------------------------------------------------------------------------------
 # ComfyUI access (lazy; the lead may move these into comfy_adapter)
@@ -119,12 +126,16 @@ def _plain_weights(state: dict[str, Tensor], prefix: str) -> bool:
     return not any(k.startswith(prefix) and ("scale_weight" in k or "scale_input" in k) for k in state)
 
 
-def comfy_text_encoder(clip: Any, image_dim: int, tokenizer_dir: Any) -> Callable[[Sequence[str]], Tensor]:
+def comfy_text_encoder(clip: Any, image_dim: int, tokenizer_dir: Any,
+                       state: dict[str, Tensor] | None = None) -> Callable[[Sequence[str]], Tensor]:
     """encode_texts for the CLIP object; builds the tower lazily (only on a cache miss)."""
     tower: list[Any] = []
 
     def build() -> Any:
-        state = clip_weights(clip)
+        state_ = state if state is not None else clip_weights(clip)
+        return _build_tower(state_)
+
+    def _build_tower(state: dict[str, Tensor]) -> Any:
         prefixes = [p for p in text_tower_prefixes(state) if _plain_weights(state, p)]
         fitting = [p for p in prefixes if state[p + "text_projection.weight"].shape[0] == image_dim]
         if fitting:
@@ -166,25 +177,70 @@ def _bhwc_rgb(image: Tensor) -> Tensor:
     raise ClipTagsError(f"IMAGE needs 1-4 channels, got {channels}")
 
 
+def weights_digest(state: dict[str, Tensor]) -> str:
+    """Content hash of the text encoder's weights (names, shapes, dtypes, bytes): the disk cache key, so a
+    LoRA-patched or different CLIP never reuses another's embeddings."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _disk_cache_file(state: dict[str, Tensor], scorer: TagScorer, image_dim: int) -> Path | None:
+    folder = comfy.cache_folder()
+    if folder is None:
+        return None
+    name = f"clip_tags_v{DISK_CACHE_VERSION}_{weights_digest(state)}_{scorer.vocabulary_key[:16]}_{image_dim}"
+    return folder / f"{name}.safetensors"
+
+
+def _load_or_compute(scorer: TagScorer, clip: Any, image_dim: int) -> None:
+    """Fill the scorer's vocabulary embeddings: memory, else the disk cache, else encode (then save)."""
+    from safetensors.torch import load_file, save_file
+
+    if scorer.has_text_embeddings():
+        return
+    state = clip_weights(clip)
+    scorer.encode_texts = comfy_text_encoder(clip, image_dim, comfy.comfy_tokenizer_dir(), state=state)
+    path = _disk_cache_file(state, scorer, image_dim)
+    if path is not None and path.is_file():
+        try:
+            scorer.set_text_embeddings(load_file(str(path))["embeddings"])
+            return
+        except (OSError, KeyError, ValueError, ClipTagsError) as error:
+            log.warning("ignoring the unreadable tag-embedding cache %s (%s)", path.name, error)
+    embeddings = scorer.text_embeddings()
+    if path is not None:
+        partial = path.with_name(path.name + ".partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"embeddings": embeddings.contiguous()}, str(partial))
+            os.replace(partial, path)
+        except OSError as error:
+            log.warning("could not save the tag-embedding cache %s (%s)", path, error)
+            partial.unlink(missing_ok=True)
+
+
 def extract_prompt(image: Tensor, clip_vision: Any, clip: Any, top_k: int, threshold: float,
                    user_prompt: str, vocabulary: Sequence[str] | None = None) -> str:
-    """The batch's tag prompt, formatted as OSEDiff's `"{tags}, {user},"`."""
+    """The batch's tag prompt, 'tag1, tag2, ..., user prompt,' (OSEDiff's format without empty parts)."""
     rgb = _bhwc_rgb(image)
     image_embeds = clip_vision_embeds(clip_vision, rgb)
     owner, patches = clip_cache_identity(clip)
     image_dim = int(image_embeds.shape[-1])
-    encode_texts = comfy_text_encoder(clip, image_dim, comfy.comfy_tokenizer_dir())
-
     bar = comfy.progress_bar(1)
 
     def report(done: int, total: int) -> None:
         comfy.check_interrupt()
         bar(done, total)
 
-    scorer = TagScorer(None, encode_texts, vocabulary if vocabulary is not None else load_vocabulary(),
+    scorer = TagScorer(None, None, vocabulary if vocabulary is not None else load_vocabulary(),
                        cache_owner=owner, cache_tag=("comfy-clip", patches, image_dim), on_text_batch=report)
+    _load_or_compute(scorer, clip, image_dim)
     tags = scorer.rank_batch(scorer.score_embeddings(image_embeds), top_k=top_k, threshold=threshold)
-    return format_prompt([t.tag for t in tags], user_prompt)
+    return format_prompt([t.tag for t in tags], user_prompt, drop_empty=True)
 
 
 class OneStepSRCLIPPromptExtract:
@@ -192,7 +248,9 @@ class OneStepSRCLIPPromptExtract:
         "Tags the image by zero-shot CLIP scoring against the pack's tag vocabulary and writes an "
         "OSEDiff-style prompt 'tag1, tag2, ..., user prompt,' for OneStep Upscale's prompt. Needs the SD-2.x "
         "CLIP (Load Checkpoint) and the CLIP Vision model of the same OpenCLIP model, "
-        "CLIP-ViT-H-14-laion2B-s32B-b79K (Load CLIP Vision). The first run encodes the vocabulary (cached)."
+        "CLIP-ViT-H-14-laion2B-s32B-b79K (Load CLIP Vision). The first run per CLIP model encodes the whole "
+        "vocabulary (progress bar; about 17 minutes on a CPU for the full-size ViT-H text tower, much less on a "
+        "GPU); the result is cached on disk (ComfyUI's user folder, keyed by a hash of the CLIP weights)."
     )
     CATEGORY = "image/upscaling/OneStep SR"
     FUNCTION = "extract"
@@ -212,7 +270,10 @@ class OneStepSRCLIPPromptExtract:
                     "tooltip": "From Load CLIP Vision: CLIP-ViT-H-14-laion2B-s32B-b79K, the image tower of the "
                                "OpenCLIP model whose text tower SD-2.x uses."}),
                 "clip": ("CLIP", {"tooltip": "The SD-2.x CLIP from Load Checkpoint (its full text tower and "
-                                             "projection are used, not the conditioning layer)."}),
+                                             "projection are used, not the conditioning layer). First use per "
+                                             "CLIP model: the vocabulary is encoded once (about 17 min on a "
+                                             "CPU for SD-2's ViT-H, much less on a GPU), then read from a disk "
+                                             "cache."}),
                 "top_k": ("INT", {"default": DEFAULT_TOP_K, "min": 1, "max": 64,
                                   "tooltip": "At most this many tags, best first."}),
                 "threshold": ("FLOAT", {
@@ -221,9 +282,11 @@ class OneStepSRCLIPPromptExtract:
                                "the whole vocabulary. 3 keeps tags that clearly stand out; lower gives more tags."}),
                 "user_prompt": ("STRING", {"default": "", "multiline": False,
                                            "tooltip": "Appended after the tags as OSEDiff does: "
-                                                      "'tags, user prompt,'. Empty is fine."}),
+                                                      "'tags, user prompt,'. Empty is fine (no empty part "
+                                                      "is written)."}),
             },
         }
 
     def extract(self, image, clip_vision, clip, top_k, threshold, user_prompt):
+        image = check_images(image, "CLIP Prompt Extract input 'image'")
         return (extract_prompt(image, clip_vision, clip, top_k, threshold, user_prompt),)

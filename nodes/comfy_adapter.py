@@ -6,8 +6,11 @@ Everything is imported lazily inside functions so the pack's package imports wit
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ import torch
 from torch import nn
 
 WEIGHTS_FOLDER = "onestep_sr"
-WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors"}
+WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors", ".yaml", ".yml"}  # YAML: ResShift-family configs
+SAMPLE_INPUT = Path(__file__).resolve().parents[1] / "workflows" / "onestep_sr_sample.png"
 
 
 def register_weights_folder() -> None:
@@ -35,6 +39,20 @@ def register_if_hosted() -> None:
     except ImportError:
         return
     register_weights_folder()
+    install_sample_input()
+
+
+def install_sample_input() -> None:
+    """Copy the shipped workflows' small sample image into ComfyUI's input folder, so a template opened
+    unchanged runs. Never overwrites: an existing file of that name is left as it is."""
+    import folder_paths
+
+    try:
+        target = Path(folder_paths.get_input_directory()) / SAMPLE_INPUT.name
+        if SAMPLE_INPUT.is_file() and target.parent.is_dir() and not target.exists():
+            shutil.copyfile(SAMPLE_INPUT, target)
+    except OSError as error:  # a read-only input folder must not stop the pack from loading
+        logging.getLogger("onestep_sr").warning("could not copy %s to the input folder: %s", SAMPLE_INPUT.name, error)
 
 
 def list_files(folder: str) -> list[str]:
@@ -79,6 +97,11 @@ def find_file(folder: str, name: str) -> Path | None:
 
 
 def diffusers_folder(name: str) -> Path:
+    """A folder directly or deeper inside a registered `diffusers` folder; names that would leave it
+    (`..`, absolute paths) are refused, as ComfyUI's own `get_full_path` clean-up confines file names."""
+    clean = os.path.relpath(os.path.join("/", name), "/")
+    if not name or clean != os.path.normpath(name) or clean in (".", "..") or os.path.isabs(name):
+        raise ValueError(f"diffusers folder name {name!r} must name a folder inside models/diffusers")
     for root in folder_locations("diffusers"):
         candidate = Path(root) / name
         if candidate.is_dir():
@@ -100,6 +123,14 @@ def comfy_tokenizer_dir() -> Path:
     import comfy.sd1_clip
 
     return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+
+
+def cache_folder() -> Path | None:
+    """Where the pack keeps computed caches (tag embeddings): a folder in ComfyUI's user directory."""
+    import folder_paths
+
+    get_user_directory = getattr(folder_paths, "get_user_directory", None)
+    return Path(get_user_directory()) / "onestep_sr_cache" if get_user_directory else None
 
 
 def torch_device() -> torch.device:
@@ -194,3 +225,61 @@ def comfy_base_state(model: Any, clip: Any, vae: Any) -> dict[str, Any]:
             prefix = key.split("transformer.text_model.")[0] + "transformer."
             break
     return {"unet": unet_state, "vae": vae_state, "text": clip_state, "text_prefix": prefix}
+
+
+PREDICTION_NAMES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+
+
+def model_prediction(model: Any) -> str:
+    """'epsilon', 'v_prediction', another ModelType name in lower case (flow, edm...), or 'unknown'."""
+    model_type = getattr(getattr(model, "model", None), "model_type", None)
+    if model_type is None:
+        return "unknown"
+    name = str(getattr(model_type, "name", model_type)).upper()
+    return PREDICTION_NAMES.get(name, name.lower())
+
+
+def patch_count(patcher: Any) -> int:
+    """How many weights carry ComfyUI patches (LoraLoader and friends) on a MODEL or CLIP."""
+    patches = getattr(patcher, "patches", None)
+    if patches is None:
+        patches = getattr(getattr(patcher, "patcher", None), "patches", None)
+    return len(patches or {})
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """Text under the node in the browser (ComfyUI's progress text); a no-op outside a server run."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, node_id)
+
+
+class _NodeWarnings(logging.Handler):
+    """Collects the pack's warnings during one node run and shows them all under that node."""
+
+    def __init__(self, node_id: str | None):
+        super().__init__(level=logging.WARNING)
+        self.node_id = node_id
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append("Warning: " + record.getMessage())
+        show_text(self.node_id, "\n".join(self.messages))
+
+
+@contextmanager
+def ui_warnings(node_id: str | None) -> Iterator[_NodeWarnings]:
+    """Route the 'onestep_sr' logger's warnings to the node's UI text (they still reach the console)."""
+    logger = logging.getLogger("onestep_sr")
+    handler = _NodeWarnings(node_id)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

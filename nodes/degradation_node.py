@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..pipelines.onestep import check_degradation
-from .handle import MODEL_TYPE
-
-DEGRADATION_TYPE = "SR_DEGRADATION"
+from ..pipelines.validation import check_images
+from .handle import DEGRADATION_TYPE, MODEL_TYPE
 
 
 class OneStepSRDegradationEstimator:
@@ -46,6 +45,7 @@ class OneStepSRDegradationEstimator:
         }
 
     def estimate(self, image, onestep_model, mode, blur, noise):
+        image = check_images(image, "Degradation Estimator input 'image'")
         if mode == "manual":
             scores = check_degradation(torch.tensor([[blur, noise]]), image.shape[0]).clone()
         else:

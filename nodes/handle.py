@@ -12,6 +12,11 @@ from ..pipelines.onestep import OneStepPipeline
 from . import comfy_adapter as comfy
 
 MODEL_TYPE = "ONESTEP_SR_MODEL"
+# Pack-prefixed wire types. Inputs also accept the old names, which saved workflows store on their links.
+TIMESTEP_TYPE = "ONESTEP_SR_TIMESTEP"
+DEGRADATION_TYPE = "ONESTEP_SR_DEGRADATION"
+TIMESTEP_INPUT = f"{TIMESTEP_TYPE},SR_TIMESTEP"
+DEGRADATION_INPUT = f"{DEGRADATION_TYPE},SR_DEGRADATION"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 class MethodSpec:
     name: str
     display_name: str
-    base_kind: str  # which shipped config family the base must be: "sd21_base" or "sd_turbo"
+    base_kind: str  # which shipped config family the base must be: "sd21_base", "sd_turbo"; "" for none
     timestep: int = 999
     prompt: str = ""
     negative_prompt: str = ""
@@ -30,6 +30,13 @@ class MethodSpec:
     latent_overlap: int = 32
     vae_encoder_tile: int = 1024
     vae_decoder_tile: int = 224
+    # The backbone that runs it: "sd" (SD-2.x UNet + VAE, one pass at `timestep`) or "resshift"
+    # (ResShift's Swin UNet + VQ-f4, see models/resshift). The fields below are for "resshift".
+    backbone: str = "sd"
+    model_config: str = ""  # shipped config (models/resshift/configs/NAME.json)
+    sampler_steps: int = 1  # default steps; 1 with one_step = x0 from x_T in one call
+    one_step: bool = False
+    cap_sqrt_001: bool = False  # SinSR's copy of the schedule caps sqrt(eta_1) at sqrt(0.001)
 
 
 OSEDIFF = MethodSpec(
@@ -69,7 +76,20 @@ S3DIFF = MethodSpec(
     official_dtype="fp32",
 )
 
-METHODS: dict[str, MethodSpec] = {OSEDIFF.name: OSEDIFF, S3DIFF.name: S3DIFF, HERO_SR.name: HERO_SR}
+_RESSHIFT_COMMON = dict(
+    base_kind="", backbone="resshift", process_size=0, snap=1, pad_multiple=64, color_fix="none",
+    upscale_filter="bicubic", official_dtype="fp16",
+)
+SINSR = MethodSpec(name="sinsr", display_name="SinSR", model_config="sinsr_s15", one_step=True,
+                   cap_sqrt_001=True, **_RESSHIFT_COMMON)
+HF_DIFF = MethodSpec(name="hf_diff", display_name="HF-Diff", model_config="sinsr_s15", one_step=True,
+                     cap_sqrt_001=True, **_RESSHIFT_COMMON)
+RESSHIFT = MethodSpec(name="resshift", display_name="ResShift (15 steps)", model_config="resshift_s15",
+                      sampler_steps=15, **_RESSHIFT_COMMON)
+RESSHIFT_S4 = MethodSpec(name="resshift_s4", display_name="ResShift v3 (4 steps)", model_config="resshift_s4",
+                         sampler_steps=4, **_RESSHIFT_COMMON)
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (OSEDIFF, S3DIFF, HERO_SR, SINSR, HF_DIFF, RESSHIFT, RESSHIFT_S4)}
 SUPPORTED_SOON: dict[str, str] = {}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,17 +141,37 @@ def apply_method_weights(base: BaseModels, data: dict, method_name: str, filenam
     )
 
 
-def load_onestep_model(base: BaseModels, weights_path: str | Path, method: str = "auto",
-                       de_net_path: str | Path | None = None) -> OneStepModel:
-    """Read a method weights file, check it is the method asked for, and apply it to `base`.
+def load_onestep_model(base: BaseModels | Callable[[], BaseModels] | None, weights_path: str | Path,
+                       method: str = "auto", de_net_path: str | Path | None = None,
+                       autoencoder_path: str | Path | None = None, model_config: str | Path | None = None):
+    """Read a method weights file, check it is the method asked for, and build the model.
 
-    S3Diff also needs de_net.pth: by default the one beside the weights file.
+    SD methods apply the file to `base` (a BaseModels, or a callable that loads it, given the
+    method's base kind, only when needed); S3Diff also needs de_net.pth (default: beside the
+    weights file). The ResShift family
+    (SinSR, HF-Diff, ResShift) needs no base but the VQ-f4 autoencoder (default:
+    autoencoder_vq_f4.pth beside the weights file) and optionally an official-format config for
+    models of other sizes.
     """
+    from ..models.resshift.weights import FAMILY_METHODS, is_swin_unet
+
     path = Path(weights_path)
     data = read_weights_file(path)
-    found = detect_method(data, path.name)
+    if method in FAMILY_METHODS and is_swin_unet(data):
+        found = method  # the family shares one layout: an explicit choice wins over the file name
+    else:
+        found = detect_method(data, path.name)
     if method not in ("auto", found):
         raise WeightsFileError(f"{path.name} holds {found} weights, but method {method!r} was asked for")
+    if get_method(found).backbone == "resshift":
+        from .resshift import load_resshift_model
+
+        return load_resshift_model(path, data, found, autoencoder_path, model_config)
+    if callable(base):
+        base = base(get_method(found).base_kind)
+    if base is None:
+        raise WeightsFileError(f"{path.name} holds {get_method(found).display_name} weights, which need a "
+                               "Stable Diffusion 2.x base (--base / the base input)")
     if found == "s3diff" and de_net_path is None:
         de_net_path = path.parent / "de_net.pth"
     return apply_method_weights(base, data, found, path.name, de_net_path)

@@ -24,6 +24,7 @@ from .latent_tiling import latent_tile_grid, tiled_eps
 from .methods import MethodSpec
 from .model import OneStepModel
 from .resize import resize_image
+from .validation import check_images, check_scale, clamp_to_unit_range, validate_settings
 
 log = logging.getLogger("onestep_sr")
 
@@ -58,6 +59,7 @@ class UpscaleSettings:
     scale: float = 4.0
     prompt: str | None = None  # None: the method's default prompt
     color_fix: str | None = None  # None: the method's default
+    color_fix_strength: float = 1.0  # blend of the colour-fixed and the raw output (0..1)
     latent_tile: int | None = None
     latent_overlap: int | None = None
     vae_encoder_tile: int | None = None
@@ -72,6 +74,11 @@ class UpscaleSettings:
     degradation: torch.Tensor | None = None  # (B, 2) blur/noise scores in [0, 1]; None: estimate (S3Diff)
     timesteps: int | torch.Tensor | None = None  # one t or (B,); None: DTSM (Hero-SR) or the method's t
     timestep_seed: int = 0  # seeds the DTSM's sampled timestep when it chooses t
+    # ResShift backbone (ResShift, SinSR, HF-Diff); the SD backbone ignores these.
+    steps: int | None = None  # sampler steps (ResShift: 1..T, respaced as the official code); None: the method's
+    noise: object | None = None  # a NoiseSource or an .npz path replaying `p{patch}_s{step}` draws; None: seeded
+    noise_seed: int | None = None  # seed of the CPU noise generator; None: 12345 (the official default)
+    chop_size: int | None = None  # LR patch size (official 512, stride 448); None: 512
 
 
 @dataclass
@@ -110,31 +117,30 @@ class OneStepPipeline:
     def __init__(self, model: OneStepModel, device: torch.device | str = "cpu"):
         self.model = model
         self.device = torch.device(device)
+        # The backbone seam: the SD one-step path is this class itself; others come from the
+        # method's description (pipelines/resshift.py for ResShift, SinSR and HF-Diff).
+        self.backbone = self if model.method.backbone == "sd" else _backbone(model, self.device)
 
     # -- settings -------------------------------------------------------------------------------
     def resolve(self, settings: UpscaleSettings) -> UpscaleSettings:
         """Fill unset fields from the method's defaults."""
-        method = self.model.method
-        return replace(
-            settings,
-            prompt=settings.prompt or method.prompt,
-            color_fix=settings.color_fix or method.color_fix,
-            latent_tile=settings.latent_tile or method.latent_tile,
-            latent_overlap=method.latent_overlap if settings.latent_overlap is None else settings.latent_overlap,
-            vae_encoder_tile=settings.vae_encoder_tile or method.vae_encoder_tile,
-            vae_decoder_tile=settings.vae_decoder_tile or method.vae_decoder_tile,
-            negative_prompt=method.negative_prompt if settings.negative_prompt is None else settings.negative_prompt,
-            guidance=method.guidance if settings.guidance is None else settings.guidance,
-        )
+        return resolve_settings(self.model.method, settings)
 
     def plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
         return plan_for_method(self.model.method, height, width, settings)
+
+    def working_plan(self, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
+        """The geometry of one input through this model's backbone, refused above the pixel limit."""
+        plan = self.backbone.plan(height, width, settings)
+        _check_pixels(plan, settings)
+        return plan
 
     # -- per-image conditions on their own (the DTSM Timestep / Degradation Estimator nodes) ---------
     @torch.no_grad()
     def predict_timesteps(self, images: torch.Tensor, scale: float = 4.0, mode: str = "sample", seed: int = 0,
                           fixed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hero-SR's DTSM on a batch (B, H, W, C): it sees the same upscaled image the UNet will."""
+        images = check_images(images).clamp(0, 1)
         upscaled = upscale_input(self.model.method, images, scale, self.device)
         timesteps, logits = self.model.predict_timesteps(upscaled, mode=mode, seed=seed, fixed=fixed)
         return timesteps.cpu(), logits.cpu()
@@ -142,6 +148,7 @@ class OneStepPipeline:
     @torch.no_grad()
     def estimate_degradation(self, images: torch.Tensor) -> torch.Tensor:
         """S3Diff's degradation scores (B, 2) = (blur, noise) of a batch (B, H, W, C), at input size."""
+        images = check_images(images).clamp(0, 1)
         rgb = split_channels(images.permute(0, 3, 1, 2).float()).rgb
         return self.model.estimate_degradation(rgb.to(self.device)).cpu()
 
@@ -152,18 +159,15 @@ class OneStepPipeline:
     ) -> torch.Tensor:
         """Upscale a batch (B, H, W, C) in [0, 1]; returns (B, H', W', C) float32 on the CPU."""
         settings = self.resolve(settings or UpscaleSettings())
+        validate_settings(settings)
         hooks = hooks or RunHooks()
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4 or images.shape[0] == 0:
-            raise ValueError(f"expected an image batch (B, H, W, C), got shape {tuple(images.shape)}")
+        images = clamp_to_unit_range(check_images(images), "image", hooks.warn)
         parts = split_channels(images.permute(0, 3, 1, 2).float())
-        plan = self.plan(images.shape[1], images.shape[2], settings)
-
-        x = apply_resize_plan(parts.rgb.to(self.device), plan)  # the upscaled input, [0, 1]
-        conditions = self.conditions(parts.rgb, x, settings)
-        restored = self._run_with_oom_fallback(x, settings, conditions, hooks)
-        restored = color_fix(restored, x, settings.color_fix)
+        backbone = self.backbone
+        plan = self.working_plan(images.shape[1], images.shape[2], settings)
+        x, reference = backbone.prepare(parts.rgb, plan)  # model input; colour-fix reference, [0, 1]
+        restored = backbone.run(parts.rgb, x, settings, hooks)
+        restored = color_fix(restored, reference, settings.color_fix, settings.color_fix_strength)
         out_hw = plan.target_hw if settings.output_size == "exact" else plan.model_hw
         if tuple(restored.shape[-2:]) != tuple(out_hw):
             restored = resize_image(restored, out_hw, self.model.method.upscale_filter).clamp(0, 1)
@@ -172,6 +176,14 @@ class OneStepPipeline:
             alpha = resize_image(parts.alpha.to(self.device), out_hw, self.model.method.upscale_filter).clamp(0, 1)
         result = merge_channels(restored, alpha, parts.grayscale)
         return result.permute(0, 2, 3, 1).float().cpu()
+
+    # -- the SD backbone --------------------------------------------------------------------------
+    def prepare(self, rgb: torch.Tensor, plan: ResizePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        x = apply_resize_plan(rgb.to(self.device), plan)  # the upscaled input, [0, 1]
+        return x, x
+
+    def run(self, original: torch.Tensor, x: torch.Tensor, settings: UpscaleSettings, hooks: RunHooks) -> torch.Tensor:
+        return self._run_with_oom_fallback(x, settings, self.conditions(original, x, settings), hooks)
 
     def conditions(self, original: torch.Tensor, upscaled: torch.Tensor, settings: UpscaleSettings) -> Conditions:
         """Prompt embeddings, per-image timesteps and (S3Diff) degradation modulation for a batch."""
@@ -331,22 +343,49 @@ class OneStepPipeline:
         return _TileCounter({"encode": encode * batch, "unet": unet * batch, "decode": decode * batch}, hooks)
 
 
-def plan_for_method(method: MethodSpec, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
-    """The method's preprocessing geometry for one input size, with the pixel limit enforced."""
-    if settings.scale <= 0:
-        raise ValueError(f"scale must be positive, got {settings.scale}")
-    plan = plan_resize(
-        (height, width), settings.scale, min_short_side=int(method.process_size // settings.scale),
-        snap=method.snap, enlarge_filter=method.enlarge_filter, upscale_filter=method.upscale_filter,
-        snap_filter=method.snap_filter,
+def resolve_settings(method: MethodSpec, settings: UpscaleSettings) -> UpscaleSettings:
+    """Unset fields filled from the method's defaults."""
+    return replace(
+        settings,
+        prompt=settings.prompt or method.prompt,
+        color_fix=settings.color_fix or method.color_fix,
+        latent_tile=settings.latent_tile or method.latent_tile,
+        latent_overlap=method.latent_overlap if settings.latent_overlap is None else settings.latent_overlap,
+        vae_encoder_tile=settings.vae_encoder_tile or method.vae_encoder_tile,
+        vae_decoder_tile=settings.vae_decoder_tile or method.vae_decoder_tile,
+        negative_prompt=method.negative_prompt if settings.negative_prompt is None else settings.negative_prompt,
+        guidance=method.guidance if settings.guidance is None else settings.guidance,
     )
+
+
+def _backbone(model, device: torch.device):
+    if model.method.backbone == "resshift":
+        from .resshift import ResShiftBackbone
+
+        return ResShiftBackbone(model, device)
+    raise ValueError(f"unknown backbone {model.method.backbone!r} in the {model.method.display_name} description")
+
+
+def _check_pixels(plan: ResizePlan, settings: UpscaleSettings) -> None:
     biggest = max(plan.model_hw[0] * plan.model_hw[1], plan.target_hw[0] * plan.target_hw[1])
     if biggest > settings.max_output_pixels:
+        height, width = plan.input_hw
         raise ImageTooLargeError(
             f"a {width}x{height} input at x{settings.scale:g} needs a {plan.model_hw[1]}x{plan.model_hw[0]} "
             f"working image, above the limit of {settings.max_output_pixels} pixels; lower the scale, "
             "downscale the input, or raise the limit (max_output_pixels / --max-pixels)"
         )
+
+
+def plan_for_method(method: MethodSpec, height: int, width: int, settings: UpscaleSettings) -> ResizePlan:
+    """The method's preprocessing geometry for one input size, with the pixel limit enforced."""
+    check_scale(settings.scale)
+    plan = plan_resize(
+        (height, width), settings.scale, min_short_side=int(method.process_size // settings.scale),
+        snap=method.snap, enlarge_filter=method.enlarge_filter, upscale_filter=method.upscale_filter,
+        snap_filter=method.snap_filter,
+    )
+    _check_pixels(plan, settings)
     if min(plan.model_hw) < 8 and method.pad_multiple < 8:
         raise ValueError(f"a {width}x{height} input is too small to process at x{settings.scale:g}")
     return plan

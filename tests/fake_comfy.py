@@ -20,7 +20,8 @@ class InterruptProcessingException(Exception):
 
 def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespace:
     """Install fake modules into sys.modules; returns a namespace recording what nodes did."""
-    state = types.SimpleNamespace(loaded=[], progress=[], interrupted=False, models_dir=root / "models")
+    state = types.SimpleNamespace(loaded=[], progress=[], interrupted=False, models_dir=root / "models",
+                                  ui_text=[])
 
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(state.models_dir)
@@ -46,12 +47,20 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
         return sorted(found)
 
     def get_full_path(name, filename):
+        """As ComfyUI's: an unknown folder name gives None, and the file name is cleaned up so that
+        '..' or an absolute path cannot leave the registered folders."""
+        if name not in folder_paths.folder_names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
         for folder in folder_paths.folder_names_and_paths[name][0]:
             candidate = os.path.join(folder, filename)
             if os.path.isfile(candidate):
                 return candidate
         return None
 
+    (root / "input").mkdir(exist_ok=True)
+    folder_paths.get_input_directory = lambda: str(root / "input")
+    folder_paths.get_user_directory = lambda: str(root / "user")
     folder_paths.add_model_folder_path = add_model_folder_path
     folder_paths.get_folder_paths = get_folder_paths
     folder_paths.get_filename_list = get_filename_list
@@ -110,9 +119,48 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
     sd1_clip.__file__ = str(tokenizer_dir.parent / "sd1_clip.py")
     (tokenizer_dir.parent / "sd1_tokenizer").mkdir(exist_ok=True) if tokenizer_dir.name != "sd1_tokenizer" else None
 
+    server = types.ModuleType("server")
+
+    class PromptServer:
+        instance = None
+
+        def send_progress_text(self, text, node_id, sid=None):
+            state.ui_text.append((node_id, text))
+
+    PromptServer.instance = PromptServer()
+    server.PromptServer = PromptServer
+
     comfy.model_management, comfy.model_patcher, comfy.utils, comfy.sd1_clip = mm, patcher_module, utils, sd1_clip
     for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm,
-                         "comfy.model_patcher": patcher_module, "comfy.utils": utils, "comfy.sd1_clip": sd1_clip}.items():
+                         "comfy.model_patcher": patcher_module, "comfy.utils": utils, "comfy.sd1_clip": sd1_clip,
+                         "server": server}.items():
         monkeypatch.setitem(sys.modules, name, module)
     state.folder_paths = folder_paths
     return state
+
+
+class _Holder:
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+class _StateModule(torch.nn.Module):
+    """Stands in for a ComfyUI module: only state_dict() is used."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._state)
+
+
+def checkpoint_outputs(unet_state: dict, vae_state: dict, clip_state: dict, model_type: str = "EPS",
+                       model_patches: dict | None = None, clip_patches: dict | None = None):
+    """(MODEL, CLIP, VAE) shaped like CheckpointLoaderSimple's: ModelPatcher-like objects whose `.model`
+    holds the LDM UNet and `model_type` (comfy.model_base.ModelType), and whose `patches` LoraLoader fills."""
+    model = _Holder(model=_Holder(diffusion_model=_StateModule(unet_state), model_type=_Holder(name=model_type)),
+                    patches=dict(model_patches or {}))
+    clip = _Holder(cond_stage_model=_StateModule(clip_state), patcher=_Holder(patches=dict(clip_patches or {})))
+    vae = _Holder(first_stage_model=_StateModule(vae_state))
+    return model, clip, vae

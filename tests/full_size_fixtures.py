@@ -98,3 +98,56 @@ def ensure_full_size_weights(cache_dir: Path, seed: int = 0) -> tuple[Path, Path
     del unet, vae, text
     gc.collect()
     return checkpoint, pkl
+
+
+SD15_NAME = "sd15_zeros_v1_fp16.safetensors"
+LORA_NAME = "tiny_unet_lora_v1.safetensors"
+# SD-1.5's UNet differs from SD-2.x's only in these (ComfyUI detects the family from the shapes)
+SD15_UNET_CHANGES = {"cross_attention_dim": 768, "attention_head_dim": 8, "use_linear_projection": False}
+SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+             "projection_dim": 768, "hidden_act": "quick_gelu"}
+
+
+def _zeros_like_meta(state) -> dict:
+    return {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in state.items()}
+
+
+def ensure_sd15_checkpoint(cache_dir: Path) -> Path:
+    """A full-size SD-1.5-shaped single file of zeros (ComfyUI's Load Checkpoint detects it as SD-1.5): the
+    wrong base users most often wire into Load OneStep SR. Zeros: only the shapes matter here."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(cache_dir) / SD15_NAME
+    if path.is_file():
+        return path
+    unet_config = {**load_config("sd21_base", "unet"), **SD15_UNET_CHANGES}
+    vae_config = load_config("sd21_base", "vae")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text = CLIPTextModel(CLIPTextConfig(**{**load_config("sd21_base", "text_encoder"), **SD15_TEXT}))
+    unet_ldm = _zeros_like_meta(ldm_convert.diffusers_to_ldm_unet(unet.state_dict(), unet_config))
+    vae_ldm = _zeros_like_meta(ldm_convert.diffusers_to_ldm_vae(vae.state_dict(), vae_config))
+    text_hf = _zeros_like_meta({k: v for k, v in text.state_dict().items() if "position_ids" not in k})
+    state = ldm_convert.assemble_single_file(unet_ldm, vae_ldm, text_hf, text_format="hf")
+    _atomic_write(path, lambda target: save_file(state, str(target)))
+    return path
+
+
+def ensure_unet_lora(cache_dir: Path) -> Path:
+    """A small kohya-format LoRA on one SD-2 UNet layer (proj_in of the first attention block), for
+    LoraLoader: it patches the MODEL, which Load OneStep SR must not drop silently."""
+    from safetensors.torch import save_file
+
+    path = Path(cache_dir) / LORA_NAME
+    if path.is_file():
+        return path
+    generator = torch.Generator().manual_seed(7)
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    state = {f"{key}.lora_down.weight": torch.randn(4, 320, generator=generator) * 0.01,
+             f"{key}.lora_up.weight": torch.randn(320, 4, generator=generator) * 0.01,
+             f"{key}.alpha": torch.tensor(4.0)}
+    _atomic_write(path, lambda target: save_file(state, str(target)))
+    return path

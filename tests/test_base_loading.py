@@ -84,7 +84,7 @@ def test_loader_from_comfy_inputs(monkeypatch, tmp_path, tiny_configs, tiny_base
     image = torch.rand(1, 20, 24, 3)
     kwargs = dict(prompt="tree", scale=4.0, color_fix="adain", latent_tile=96, latent_overlap=32,
                   vae_encoder_tile=1024, vae_decoder_tile=224, latent="mean", seed=0)
-    (got,) = OneStepSRUpscale().upscale(handle, image, **kwargs)
+    got, _mask = OneStepSRUpscale().upscale(handle, image, **kwargs)
     reference = OneStepPipeline(load_onestep_model(load_base(tiny_base_dir), osediff_pkl[0]))
     assert (got - reference(image, UpscaleSettings(prompt="tree", color_fix="adain"))).abs().max() < 1e-5
     assert torch.equal(tiny_base.unet.conv_in.weight, lc.convert_ldm_unet(unet_ldm, TINY_UNET_CONFIG)["conv_in.weight"])

@@ -259,6 +259,7 @@ def test_every_mode_loads_in_range(tmp_path, mode):
         image.save(path)
     pixels = load_image(path)
     channels = {"1": 1, "P": 3, "PA": 4, "CMYK": 3, "I": 1, "LA": 2, "RGBA": 4}[mode]
+    assert probe_image(path).channels == channels  # the probe predicts what loading gives
     assert pixels.shape == (5, 6, channels) and pixels.dtype == torch.float32
     assert 0 <= float(pixels.min()) and float(pixels.max()) <= 1
     if mode == "1":
@@ -278,6 +279,10 @@ def test_exif_orientation_is_applied(tmp_path):
     image.save(tmp_path / "rot.png", exif=exif)
     pixels = load_image(tmp_path / "rot.png")
     assert pixels.shape == (8, 4, 3) and float(pixels[0, -1, 0]) == 1.0
+    info = probe_image(tmp_path / "rot.png")
+    assert (info.width, info.height) == (4, 8)
+    with pytest.raises(ImageError, match=r"rot.png in .* is 4x8, more than 31 pixels"):
+        probe_image(tmp_path / "rot.png", max_pixels=31)
 
 
 def test_multi_frame_gives_the_first_frame_with_a_note(tmp_path):

@@ -90,3 +90,32 @@ def test_nodes_match_the_cli(weights, tiny_base_dir, monkeypatch, tmp_path, caps
     assert fixed == 123
     with pytest.raises(ValueError, match="Hero-SR"):
         OneStepSRTimestep().choose(image, s3, "sample", 0, 4.0, 999)
+
+
+def test_upscale_node_checks_the_conditions_it_gets(weights, tiny_base_dir, monkeypatch, tmp_path):
+    """The DTSM's scale travels with its timesteps; inputs a method does not use are dropped with a UI warning."""
+    from onestep_sr.nodes.upscale_node import OneStepSRUpscale
+
+    tokenizer = tmp_path / "comfy" / "sd1_tokenizer"
+    shutil.copytree(tiny_base_dir / "tokenizer", tokenizer)
+    state = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
+    shutil.copytree(weights, state.models_dir / "onestep_sr")
+    shutil.copytree(tiny_base_dir, state.models_dir / "diffusers" / "tiny-turbo")
+    image = torch.from_numpy(np.asarray(Image.open(weights / "in.png")).astype(np.float32) / 255)[None]
+    settings = dict(prompt="", color_fix="method default", latent_tile=96, latent_overlap=32, vae_encoder_tile=1024,
+                    vae_decoder_tile=224, latent="mean", seed=0)
+
+    (hero,) = OneStepSRLoader().load("hero_sr_model.pkl", DIFFUSERS_PREFIX + "tiny-turbo", "fp32")
+    timestep, _ = OneStepSRTimestep().choose(image, hero, "fixed", 0, 4.0, 250)
+    assert timestep["scale"] == 4.0
+    with pytest.raises(ValueError, match="scale 4 but this node upscales x2; set the same scale"):
+        OneStepSRUpscale().upscale(hero, image, scale=2.0, timestep=timestep, **settings)
+
+    (s3,) = OneStepSRLoader().load("s3diff.pkl", DIFFUSERS_PREFIX + "tiny-turbo", "fp32")
+    state.ui_text.clear()
+    plain, _ = OneStepSRUpscale().upscale(s3, image, scale=2.0, guidance=1.0, **settings, unique_id="9")
+    ignored, _ = OneStepSRUpscale().upscale(s3, image, scale=2.0, guidance=1.0, timestep=timestep, **settings,
+                                            unique_id="9")
+    assert torch.equal(plain, ignored)
+    assert state.ui_text == [("9", "Warning: the timestep input is ignored: S3Diff uses its fixed timestep (only "
+                                   "Hero-SR uses DTSM timesteps)")]

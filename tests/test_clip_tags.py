@@ -509,6 +509,42 @@ def test_node_returns_the_planted_tag(comfy, tiny_clip, monkeypatch):
     assert clip.loads == 2
 
 
+def test_node_caches_vocabulary_embeddings_on_disk_per_clip_weights(comfy, tiny_clip, monkeypatch, tmp_path):
+    from onestep_sr.nodes import clip_prompt_node
+
+    model, tokenizer = tiny_clip
+    vocabulary = load_vocabulary()[::16]
+    monkeypatch.setattr(clip_prompt_node, "load_vocabulary", lambda: list(vocabulary))
+    planted = _planted_embedding(model, tokenizer, vocabulary[3], vocabulary)
+    vision = FakeCLIPVision(planted[None])
+    image = torch.rand(1, 8, 8, 3)
+    (first,) = OneStepSRCLIPPromptExtract().extract(image, vision, FakeCLIP(model, tokenizer), 3, 0.0, "")
+    assert first.startswith(vocabulary[3] + ",") and not first.endswith(", ,")  # no dangling empty part
+    assert len(list((tmp_path / "user" / "onestep_sr_cache").glob("clip_tags_*.safetensors"))) == 1
+
+    def must_not_encode(*args, **kwargs):
+        def encode(texts):
+            raise AssertionError("the vocabulary was encoded again")
+        return encode
+
+    clip_tags.clear_text_cache()  # a new ComfyUI session: only the disk cache is left
+    monkeypatch.setattr(clip_prompt_node, "comfy_text_encoder", must_not_encode)
+    (again,) = OneStepSRCLIPPromptExtract().extract(image, vision, FakeCLIP(model, tokenizer), 3, 0.0, "")
+    assert again == first
+    other = FakeCLIP(model, tokenizer)  # other weights (e.g. a LoRA merged in): another cache file
+    with torch.no_grad():
+        other.cond_stage_model.clip_h.transformer.text_projection.weight.mul_(1.01)
+    with pytest.raises(AssertionError, match="encoded again"):
+        OneStepSRCLIPPromptExtract().extract(image, vision, other, 3, 0.0, "")
+
+
+def test_prompt_format_without_empty_parts():
+    assert clip_tags.format_prompt(["a", "b"], "") == "a, b, ,"  # OSEDiff verbatim (the CLI)
+    assert clip_tags.format_prompt(["a", "b"], "", drop_empty=True) == "a, b,"
+    assert clip_tags.format_prompt(["a"], " words ", drop_empty=True) == "a, words,"
+    assert clip_tags.format_prompt([], "", drop_empty=True) == ""
+
+
 def test_node_falls_back_to_comfy_pooled_output(comfy, tiny_clip):
     model, tokenizer = tiny_clip
     vocabulary = [f"thing {i}" for i in range(20)] + ["lighthouse"]
@@ -517,7 +553,7 @@ def test_node_falls_back_to_comfy_pooled_output(comfy, tiny_clip):
     planted = _planted_embedding(model, tokenizer, "lighthouse", vocabulary)
     clip = FakeCLIP(model, tokenizer, extra_state={"clip_h.transformer.text_projection.scale_weight": torch.ones(())})
     prompt = extract_prompt(torch.rand(1, 8, 8, 3), FakeCLIPVision(planted[None]), clip, 3, 0.0, "", vocabulary)
-    assert prompt.startswith("lighthouse, ") and prompt.endswith(", ,")
+    assert prompt.startswith("lighthouse, ") and prompt.endswith(",") and not prompt.endswith(", ,")
     assert clip.pooled_calls == 2 * len(vocabulary)
 
 

@@ -1,7 +1,9 @@
-"""AdaIN and wavelet colour correction against hand computations and a naive reimplementation."""
+"""Colour correction against hand computations, naive reimplementations and independent libraries
+(skimage's CIELAB, the standard library's colorsys HSV)."""
 
 from __future__ import annotations
 
+import colorsys
 import math
 
 import numpy as np
@@ -12,6 +14,13 @@ from onestep_sr.pipelines.color_fix import (
     COLOR_FIX_METHODS,
     adain_color_fix,
     color_fix,
+    hsv_color_fix,
+    hsv_to_rgb,
+    lab_color_fix,
+    lab_to_rgb,
+    rgb_to_hsv,
+    rgb_to_lab,
+    wavelet_adaptive_color_fix,
     wavelet_blur,
     wavelet_color_fix,
     wavelet_decomposition,
@@ -149,7 +158,7 @@ def test_wavelet_matches_naive_loops() -> None:
 
 
 def test_dispatch_and_dtypes() -> None:
-    assert COLOR_FIX_METHODS == ("adain", "wavelet", "none")
+    assert COLOR_FIX_METHODS[:3] == ("adain", "wavelet", "none")  # appended only (saved workflows)
     x = torch.rand(1, 3, 16, 16) * 1.4 - 0.2
     ref = torch.rand(1, 3, 16, 16)
     assert torch.equal(color_fix(x, ref, "none"), x.clamp(0, 1))
@@ -161,3 +170,110 @@ def test_dispatch_and_dtypes() -> None:
         color_fix(x, ref, "histogram")
     with pytest.raises(ValueError):
         wavelet_color_fix(x, ref[..., :8])
+    with pytest.raises(ValueError, match="strength"):
+        color_fix(x, ref, "adain", strength=1.5)
+    with pytest.raises(ValueError, match="RGB"):
+        color_fix(x[:, :1], ref[:, :1], "lab")
+
+
+# ------------------------------------------------------------------------------------ lab / hsv
+
+
+def _pair(seed: int, h: int = 11, w: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.rand(2, 3, h, w, generator=gen, dtype=torch.float64)
+    ref = (torch.rand(2, 3, h, w, generator=gen, dtype=torch.float64) * 0.6 + 0.3) * torch.tensor(
+        [1.0, 0.7, 0.4], dtype=torch.float64).view(1, 3, 1, 1)  # a warm cast
+    return out, ref
+
+
+def test_lab_conversion_matches_skimage() -> None:
+    color = pytest.importorskip("skimage.color")
+    out, _ = _pair(0)
+    ours = rgb_to_lab(out)
+    expected = color.rgb2lab(out.permute(0, 2, 3, 1).numpy())
+    # skimage rounds the CIE constants of the dark branch (0.008856, 7.787 for (6/29)^3, 841/108): that
+    # moves very dark pixels by < 1e-3 Lab units; elsewhere the two agree to float64 rounding.
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), expected, atol=1e-3, rtol=0)
+    bright = out.amin(1) > 0.1
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy()[bright.numpy()], expected[bright.numpy()],
+                               atol=1e-9, rtol=0)
+    back = color.lab2rgb(expected[0])  # skimage's inverse, on in-gamut colours
+    np.testing.assert_allclose(lab_to_rgb(ours)[0].permute(1, 2, 0).numpy(), back, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lab_to_rgb(ours).numpy(), out.numpy(), atol=1e-9, rtol=0)  # round trip
+
+
+def test_lab_fix_matches_skimage_computation() -> None:
+    color = pytest.importorskip("skimage.color")
+    out, ref = _pair(1)
+    result = lab_color_fix(out, ref)
+    for i in range(2):
+        lab_out = color.rgb2lab(out[i].permute(1, 2, 0).numpy())
+        lab_ref = color.rgb2lab(ref[i].permute(1, 2, 0).numpy())
+        pixels = lab_out.shape[0] * lab_out.shape[1]
+        std_out = np.sqrt(lab_out.reshape(pixels, 3).var(axis=0, ddof=1) + 1e-5)
+        std_ref = np.sqrt(lab_ref.reshape(pixels, 3).var(axis=0, ddof=1) + 1e-5)
+        moved = (lab_out - lab_out.mean((0, 1))) / std_out * std_ref + lab_ref.mean((0, 1))
+        expected = np.clip(color.lab2rgb(moved), 0, 1)
+        np.testing.assert_allclose(result[i].permute(1, 2, 0).numpy(), expected, atol=1e-6, rtol=0)
+    # the cast moves: the result's mean colour is the reference's, not the output's
+    assert (result.mean((2, 3)) - ref.mean((2, 3))).abs().max() < 0.05
+
+
+def test_hsv_conversion_matches_colorsys() -> None:
+    out, _ = _pair(2, 6, 7)
+    out[0, :, 0, 0] = 0.5  # gray: hue and saturation 0
+    out[0, :, 0, 1] = 0.0  # black
+    hsv = rgb_to_hsv(out)
+    pixels = out.permute(0, 2, 3, 1).reshape(-1, 3).tolist()
+    expected = np.array([colorsys.rgb_to_hsv(*p) for p in pixels])
+    np.testing.assert_allclose(hsv.permute(0, 2, 3, 1).reshape(-1, 3).numpy(), expected, atol=1e-12, rtol=0)
+    rgb_back = np.array([colorsys.hsv_to_rgb(*p) for p in expected])
+    np.testing.assert_allclose(hsv_to_rgb(hsv).permute(0, 2, 3, 1).reshape(-1, 3).numpy(), rgb_back, atol=1e-12)
+
+
+def test_hsv_fix_matches_colorsys_per_pixel() -> None:
+    out, ref = _pair(3, 5, 6)
+    result = hsv_color_fix(out, ref)
+    expected = []
+    for o, r in zip(out.permute(0, 2, 3, 1).reshape(-1, 3).tolist(), ref.permute(0, 2, 3, 1).reshape(-1, 3).tolist(),
+                    strict=True):
+        h, s, _ = colorsys.rgb_to_hsv(*r)
+        expected.append(colorsys.hsv_to_rgb(h, s, colorsys.rgb_to_hsv(*o)[2]))
+    np.testing.assert_allclose(result.permute(0, 2, 3, 1).reshape(-1, 3).numpy(), np.array(expected), atol=1e-9)
+
+
+# --------------------------------------------------------------------------- adaptive / strength
+
+
+def test_wavelet_adaptive_matches_naive_loops() -> None:
+    gen = torch.Generator().manual_seed(6)
+    out = torch.rand(1, 3, 40, 18, generator=gen, dtype=torch.float64) * 0.6 + 0.1
+    ref = out.clone()  # the same colours at the bottom ...
+    ref[..., :16, :] += 0.3  # ... a colour shift at the top
+
+    def decompose(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        high = np.zeros_like(img)
+        for level in range(5):
+            low = _naive_blur(img, 2**level)
+            high += img - low
+            img = low
+        return high, low
+
+    high, low_out = decompose(out[0].numpy())
+    _, low_ref = decompose(ref[0].numpy())
+    weight = np.minimum(np.sqrt(((low_ref - low_out) ** 2).sum(axis=0)) / 0.1, 1.0)
+    expected = np.clip(high + low_out + weight * (low_ref - low_out), 0, 1)
+    np.testing.assert_allclose(wavelet_adaptive_color_fix(out, ref)[0].numpy(), expected, atol=1e-12, rtol=0)
+    assert 0 < weight.min() < 1 and weight.max() == 1.0  # both regimes are exercised
+
+
+@pytest.mark.parametrize("method", ["adain", "wavelet", "lab", "hsv", "wavelet_adaptive"])
+def test_strength_blends_linearly(method: str) -> None:
+    out, ref = _pair(4)
+    out = out * 1.2 - 0.1  # outside [0, 1]: the unfixed side of the blend is clamped
+    full = color_fix(out, ref, method)
+    assert torch.equal(color_fix(out, ref, method, strength=1.0), full)
+    assert torch.equal(color_fix(out, ref, method, strength=0.0), out.clamp(0, 1))
+    np.testing.assert_allclose(color_fix(out, ref, method, strength=0.3).numpy(),
+                               (0.7 * out.clamp(0, 1) + 0.3 * full).numpy(), atol=1e-12, rtol=0)

@@ -12,7 +12,13 @@ What it does:
     at the end) and loads only that custom node folder;
   * starts ComfyUI on CPU on a free port, checks our nodes are registered, runs the two shipped workflows
     (converted from the UI format with tests/workflow_api.py) through /prompt and checks the saved images;
-  * compares the ComfyUI result with the command line (`onestep-sr upscale`) on the same input and settings.
+  * compares the ComfyUI result with the command line (`onestep-sr upscale`) on the same input and settings;
+  * wires an SD-1.5-shaped checkpoint (zeros) into Load OneStep SR and checks /history holds the one-line
+    message, and a LoraLoader-patched MODEL (a tiny LoRA) and checks the load works and warns;
+  * checks ComfyUI's /workflow_templates lists the shipped workflows and serves their thumbnails, and that the
+    pack's frontend extension is served.
+  * runs the HF-Diff workflow on tiny ResShift-family files (published key layout, an official-format YAML
+    chosen in the loader's model_config) and compares it with the CLI too.
 
 ComfyUI is started with COMFYUI_PYTHON (default: this interpreter). It needs torch, diffusers and
 transformers, not an installed `onestep_sr`: ComfyUI loads the pack from the custom_nodes folder.
@@ -58,6 +64,7 @@ STARTUP_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 15 * 60
 INPUT_NAME = "onestep_test_input.png"
 INPUT_SIZE = (32, 24)  # (width, height)
+HF_DIFF_CONFIG = "tiny_hf_diff.yaml"
 SCALE = 4
 # The OneStep Upscale settings of osediff_upscale_image.json, repeated for the CLI run.
 UPSCALE_SETTINGS = {"prompt": "", "scale": 4.0, "color_fix": "method default", "latent_tile": 96,
@@ -112,8 +119,11 @@ class ComfyServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def get(self, path: str, timeout: float = 30) -> dict:
+        return json.loads(self.get_bytes(path, timeout))
+
+    def get_bytes(self, path: str, timeout: float = 30) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def post(self, path: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
@@ -148,8 +158,9 @@ class ComfyServer:
             hint = " (SIGKILL: out of memory?)" if rc == -9 else ""
             pytest.fail(f"ComfyUI exited {when}, rc {rc}{hint}; log tail:\n{self.log_tail()}")
 
-    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT_S) -> dict:
-        """Queue an API prompt and wait for its history entry; fails with the node error on failure."""
+    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT_S, expect_error: bool = False) -> dict:
+        """Queue an API prompt and wait for its history entry; fails with the node error on failure (or, with
+        expect_error, returns the entry of a failed run and fails on success)."""
         self.fail_if_dead("before the workflow was queued")
         status, answer = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
         assert status == 200, f"/prompt rejected the workflow ({status}): {json.dumps(answer, indent=1)}"
@@ -166,6 +177,9 @@ class ComfyServer:
             if prompt_id in history:
                 entry = history[prompt_id]
                 state = entry.get("status", {})
+                if expect_error:
+                    assert state.get("status_str") == "error", f"the workflow was expected to fail: {state}"
+                    return entry
                 if state.get("status_str") != "success" or not state.get("completed"):
                     errors = [data for event, data in state.get("messages", []) if event == "execution_error"]
                     details = "".join(
@@ -223,17 +237,29 @@ def layout(tmp_path_factory, weights) -> dict[str, Path]:
     paths = {name: root / name for name in ("models", "input", "output", "temp", "user", "cli")}
     for path in paths.values():
         path.mkdir()
-    (paths["models"] / "checkpoints").mkdir()
-    (paths["models"] / "onestep_sr").mkdir()
+    for folder in ("checkpoints", "onestep_sr", "loras"):
+        (paths["models"] / folder).mkdir()
     (paths["models"] / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
     (paths["models"] / "onestep_sr" / pkl.name).symlink_to(pkl)
+    extras = Path(os.environ.get("ONESTEP_SR_TEST_CACHE") or root)
+    sd15 = full_size_fixtures.ensure_sd15_checkpoint(extras)
+    (paths["models"] / "checkpoints" / sd15.name).symlink_to(sd15)
+    lora = full_size_fixtures.ensure_unet_lora(extras)
+    (paths["models"] / "loras" / lora.name).symlink_to(lora)
     _write_input_image(paths["input"] / INPUT_NAME)
+    import synthetic_resshift
+
+    onestep = paths["models"] / "onestep_sr"
+    synthetic_resshift.write_unet(synthetic_resshift.tiny_unet(), onestep / "HF-Diff.pth")
+    synthetic_resshift.write_vq(synthetic_resshift.tiny_vq(), onestep / "autoencoder_vq_f4.pth")
+    synthetic_resshift.write_official_yaml(onestep / HF_DIFF_CONFIG)
     paths["extra_paths"] = root / "extra_model_paths.yaml"
     paths["extra_paths"].write_text(
         "onestep_sr_integration_test:\n"
         f"    base_path: {paths['models']}\n"
         "    checkpoints: checkpoints\n"
-        "    onestep_sr: onestep_sr\n",
+        "    onestep_sr: onestep_sr\n"
+        "    loras: loras\n",
         encoding="utf-8",
     )
     return paths
@@ -278,8 +304,10 @@ def _optional_flags(flags: dict[str, list[str]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def comfy(layout, cli_reference, tmp_path_factory):
+def comfy(layout, request, tmp_path_factory):
     """ComfyUI running with this repo installed as custom_nodes/OneStep-SR_test_<random>."""
+    if any(item.name == "test_comfyui_matches_cli" for item in request.session.items):
+        request.getfixturevalue("cli_reference")  # before the server starts: one full-size model at a time
     folder = f"OneStep-SR_test_{secrets.token_hex(4)}"
     link = COMFY_ROOT / "custom_nodes" / folder
     log_path = tmp_path_factory.mktemp("comfy_log") / "comfyui.log"
@@ -433,3 +461,102 @@ def test_comfyui_matches_cli(upscale_result, cli_reference):
         "computation differ between the two paths, e.g. a LoRA merged into the fp16 file weights by the CLI but "
         "into ComfyUI's fp32 MODEL copy (the merged weights then differ by fp16 rounding)."
     )
+
+
+# -- base checks, LoRA patches, templates ------------------------------------------------------------
+
+def _loader_only_prompt(weights_name: str, checkpoint_name: str, lora_name: str | None = None) -> dict:
+    """Load Checkpoint (-> LoraLoader) -> Load OneStep SR -> Preview Any: loads, never upscales."""
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint_name}},
+              "3": {"class_type": "OneStepSR_Loader",
+                    "inputs": {"weights": weights_name, "base": "(use the MODEL/CLIP/VAE inputs)", "dtype": "fp32",
+                               "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2]}},
+              "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}}}
+    if lora_name:
+        prompt["2"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                             "lora_name": lora_name, "strength_model": 1.0,
+                                                             "strength_clip": 1.0}}
+        prompt["3"]["inputs"].update(model=["2", 0], clip=["2", 1])
+    return prompt
+
+
+def test_sd15_checkpoint_gives_a_one_line_message(comfy, weights):
+    _, pkl = weights
+    try:
+        entry = comfy.run(_loader_only_prompt(pkl.name, full_size_fixtures.SD15_NAME), expect_error=True)
+    finally:
+        comfy.free()
+    errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_type"] == "OneStepSR_Loader", errors
+    message = errors[0]["exception_message"].strip()
+    print(f"[comfyui] SD-1.5 into Load OneStep SR: {errors[0]['exception_type']}: {message}")
+    assert "\n" not in message and "size mismatch" not in message and len(message) < 300, message
+    assert message.endswith("is an SD-1.x checkpoint; the one-step SR methods need an SD-2.x base (SD-2.1-base "
+                            "for OSEDiff, SD-Turbo for S3Diff/Hero-SR)"), message
+
+
+def test_lora_patched_model_loads_with_a_warning(comfy, weights):
+    checkpoint, pkl = weights
+    started = time.monotonic()
+    try:
+        comfy.run(_loader_only_prompt(pkl.name, checkpoint.name, full_size_fixtures.LORA_NAME))
+    finally:
+        comfy.free()
+    print(f"[comfyui] LoraLoader -> Load OneStep SR: {time.monotonic() - started:.0f} s")
+    log = comfy.log_path.read_text(encoding="utf-8", errors="replace")
+    warning = [line for line in log.splitlines() if "not applied by Load OneStep SR" in line]
+    assert warning, f"no LoRA warning in the log; tail:\n{comfy.log_tail()}"
+    print(f"[comfyui] {warning[0].strip()}")
+    assert "the MODEL (" in warning[0]
+
+
+def test_templates_are_listed_with_thumbnails(comfy):
+    templates = comfy.get("/workflow_templates")
+    shipped = sorted(path.stem for path in (REPO_ROOT / "workflows").glob("*.json"))
+    assert sorted(templates.get(comfy.folder, [])) == shipped, templates
+    for stem in shipped:
+        served = comfy.get_bytes(f"/api/workflow_templates/{comfy.folder}/{stem}.jpg")
+        assert served == (REPO_ROOT / "workflows" / f"{stem}.jpg").read_bytes()
+        workflow = json.loads(comfy.get_bytes(f"/api/workflow_templates/{comfy.folder}/{stem}.json"))
+        assert {m["directory"] for m in workflow["models"]} <= {"checkpoints", "onestep_sr", "clip_vision"}
+    extensions = comfy.get("/extensions")
+    assert any(path.endswith("/onestep_sr.js") for path in extensions), extensions
+    upscale = comfy.object_info["OneStepSR_Upscale"]
+    assert upscale["output"] == ["IMAGE", "MASK"]
+    assert upscale["input"]["required"]["seed"][1]["control_after_generate"] is True
+    print(f"[comfyui] /workflow_templates: {templates}")
+
+
+def test_hf_diff_workflow_matches_cli(comfy, layout):
+    """The HF-Diff workflow (no base, VQ autoencoder and config from models/onestep_sr) through ComfyUI,
+    and the CLI on the same files, input and seed: equal up to SaveImage's truncation."""
+    from onestep_sr import cli
+
+    workflow = _workflow("hf_diff_upscale_image.json")
+    (loader,) = node_ids(workflow, "OneStepSR_Loader")
+    (load_image,) = node_ids(workflow, "LoadImage")
+    (upscale,) = node_ids(workflow, "OneStepSR_Upscale")
+    (save,) = node_ids(workflow, "SaveImage")
+    assert HF_DIFF_CONFIG in comfy.object_info["OneStepSR_Loader"]["input"]["optional"]["model_config"][0]
+    prompt = ui_to_api(workflow, comfy.object_info, overrides={
+        loader: {"weights": "HF-Diff.pth", "model_config": HF_DIFF_CONFIG, "dtype": "fp32"},
+        load_image: {"image": INPUT_NAME}, save: {"filename_prefix": "onestep_hf_diff_test"}})
+    assert prompt[str(upscale)]["inputs"]["seed"] == 12345 and prompt[str(upscale)]["inputs"]["steps"] == 0
+    started = time.monotonic()
+    try:
+        entry = comfy.run(prompt)
+    finally:
+        comfy.free()
+    print(f"[comfyui] hf_diff_upscale_image.json: {time.monotonic() - started:.0f} s")
+    result = comfy.saved_image(entry, save)
+    onestep = layout["models"] / "onestep_sr"
+    target = layout["cli"] / "hf_diff_x4.png"
+    assert cli.main(["upscale", str(layout["input"] / INPUT_NAME), "-o", str(target), "--weights",
+                     str(onestep / "HF-Diff.pth"), "--model-config", str(onestep / HF_DIFF_CONFIG),
+                     "--seed", "12345", "--dtype", "fp32", "--device", "cpu"]) == 0
+    comfy_pixels = np.asarray(Image.open(result).convert("RGB"), dtype=np.int16)
+    cli_pixels = np.asarray(Image.open(target).convert("RGB"), dtype=np.int16)
+    assert comfy_pixels.shape == (INPUT_SIZE[1] * SCALE, INPUT_SIZE[0] * SCALE, 3)
+    values = set(np.unique(cli_pixels - comfy_pixels).tolist())
+    print(f"[compare] HF-Diff CLI - ComfyUI (8-bit) values: {sorted(values)}")
+    assert values <= {0, 1}

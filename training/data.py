@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from ..pipelines.image_io import IMAGE_SUFFIXES
+from ..batch.images import IMAGE_SUFFIXES
 
 log = logging.getLogger("onestep_sr.training")
 

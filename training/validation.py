@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..pipelines.image_io import save_image
+from ..batch.images import save_image
 from .config import TrainConfig
 
 log = logging.getLogger("onestep_sr.training")
