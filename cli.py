@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .downloads.cli import add_parser as add_fetch_weights
 
     add_fetch_weights(commands)
+    from .evaluation.cli import add_parsers as add_evaluation_parsers
+
+    add_evaluation_parsers(commands)  # eval, benchmark-quality (their handlers come with them)
     return parser
 
 

@@ -84,6 +84,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     up.add_argument("--timestep-seed", type=int, default=0, help="seed of the DTSM's sampled timestep")
     up.set_defaults(handler=run_upscale)
     add_resshift_arguments(up)
+    from ..distributed.ray_upscale import add_ray_options
+
+    add_ray_options(up)
     return up
 
 
@@ -112,6 +115,10 @@ def _settings(args: argparse.Namespace):
 
 
 def run_upscale(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        from ..distributed.ray_upscale import upscale_on_ray
+
+        return upscale_on_ray(args)
     from tqdm import tqdm
 
     from ..cli import _pick_device, _pick_dtype, _Tagger
