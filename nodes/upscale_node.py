@@ -140,9 +140,9 @@ class OneStepSRUpscale:
                 vae_encoder_tile, vae_decoder_tile, latent, seed, negative_prompt="", guidance=0.0,
                 timestep=None, degradation=None, vae_norm_stats="auto", color_fix_strength=1.0, tile_batch=4,
                 max_megapixels=DEFAULT_MAX_MEGAPIXELS, mask=None, steps=0, unique_id=None):
+        image = check_images(image, "OneStep Upscale input 'image'")
         with comfy.ui_warnings(unique_id):
             timestep, degradation = self._used_conditions(onestep_model, scale, timestep, degradation)
-            image = check_images(image, "OneStep Upscale input 'image'")
             alpha = _alpha_from_mask(mask, image)
             settings = UpscaleSettings(
                 scale=scale, prompt=prompt, color_fix=None if color_fix == METHOD_DEFAULT else color_fix,
