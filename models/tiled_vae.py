@@ -57,6 +57,7 @@ PROBE_CORE_SHARE = 2  # a probe's core side is the tile size divided by this
 class _Job:
     items: list[tuple[int, Tile]]  # (image index, tile)
     steps: Steps
+    image_index: torch.Tensor  # (len(items),) on the device: each tile's image
     pending: Partial | None = None
     output: torch.Tensor | None = None
 
@@ -75,15 +76,21 @@ def _make_job(x: torch.Tensor, items: list[tuple[int, Tile]], run: RunFn) -> _Jo
     stacked = torch.stack([x[b, :, tile.window.top : tile.window.bottom, tile.window.left : tile.window.right]
                            for b, tile in items])
     geometry = TileGeometry(window.height, window.width, tuple(tile.local_core for _, tile in items))
-    return _Job(items=items, steps=run(stacked, geometry))
+    image_index = torch.tensor([b for b, _ in items], device=x.device)
+    return _Job(items=items, steps=run(stacked, geometry), image_index=image_index)
 
 
 def _batches(n_images: int, tiles: Sequence[Tile], tile_batch: int) -> list[list[tuple[int, Tile]]]:
-    """(image, tile) pairs, image-major (see combine_stats), cut into batches of tile_batch."""
+    """(image, tile) pairs grouped by window size (one batch stacks windows of one size), in first-seen
+    order, each group cut into batches of tile_batch."""
     if tile_batch < 1:
         raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
-    items = [(b, tile) for b in range(n_images) for tile in tiles]
-    return [items[start : start + tile_batch] for start in range(0, len(items), tile_batch)]
+    groups: dict[tuple[int, int], list[tuple[int, Tile]]] = {}
+    for b in range(n_images):
+        for tile in tiles:
+            groups.setdefault((tile.window.height, tile.window.width), []).append((b, tile))
+    return [items[start : start + tile_batch] for items in groups.values()
+            for start in range(0, len(items), tile_batch)]
 
 
 def _write_cores(result: torch.Tensor, job: _Job, scale: tuple[int, int]) -> None:
@@ -124,23 +131,21 @@ class _Progress:
 
 
 def _exchange_stats(
-    partials: list[Partial], n_images: int, shared: bool, stats_hook: StatsHook | None
+    jobs: list[_Job], n_images: int, shared: bool, stats_hook: StatsHook | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The statistics each job normalises with: per image over all its tiles, or per tile."""
+    partials = [job.pending for job in jobs]
     norm = partials[0].norm
     if any(p.norm is not norm for p in partials):
         raise RuntimeError("tile generators fell out of lockstep")
     if not shared:  # negative control for tests: naive per-tile normalisation
         return ((p.mean, p.var) for p in partials)
     mean, var = combine_stats(torch.cat([p.count for p in partials]), torch.cat([p.mean for p in partials]),
-                              torch.cat([p.var for p in partials]), n_images)
+                              torch.cat([p.var for p in partials]), n_images,
+                              torch.cat([job.image_index for job in jobs]))
     if stats_hook is not None:
         stats_hook(norm, mean, var)
-    tiles_per_image = sum(len(p.count) for p in partials) // n_images
-    mean_tiles = mean.repeat_interleave(tiles_per_image, dim=0)
-    var_tiles = var.repeat_interleave(tiles_per_image, dim=0)
-    sizes = [len(p.count) for p in partials]
-    return zip(mean_tiles.split(sizes), var_tiles.split(sizes), strict=True)
+    return ((mean.index_select(0, job.image_index), var.index_select(0, job.image_index)) for job in jobs)
 
 
 def _drive_lockstep(jobs: list[_Job], n_images: int, counter: _Progress, check_interrupt: InterruptFn | None,
@@ -159,7 +164,7 @@ def _drive_lockstep(jobs: list[_Job], n_images: int, counter: _Progress, check_i
                 return
             if any(finished):
                 raise RuntimeError("tile generators fell out of lockstep")
-            stats = list(_exchange_stats([job.pending for job in jobs], n_images, shared_stats, stats_hook))
+            stats = list(_exchange_stats(jobs, n_images, shared_stats, stats_hook))
     finally:
         for job in jobs:
             job.steps.close()
@@ -222,7 +227,7 @@ def _run_streamed(
         if check_interrupt is not None:
             check_interrupt()
         job = _make_job(x, items, run)
-        index = torch.tensor([b for b, _ in items], device=x.device)
+        index = job.image_index
         try:
             job.advance(None)
             for norm, mean, var in stats:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import core_stats, group_norm_apply
 from .vae_tiles import TileGeometry
 
 
@@ -38,64 +39,52 @@ class Partial:
 Steps = Generator[Partial, tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """float32 for fp16/bf16/fp32 activations, float64 stays float64."""
-    return torch.promote_types(h.dtype, torch.float32)
-
-
 def _partial_stats(norm: nn.GroupNorm, h: torch.Tensor, geometry: TileGeometry) -> Partial:
-    """Mean and (biased) variance per tile and group over the core only, in float32 (or better).
+    """Mean and (biased) variance per tile and group over the core only, accumulated in float32 (or
+    better) without a float32 copy of the tile (kernels.core_stats: Triton on the GPU, a few groups
+    at a time in PyTorch).
 
     Mean/variance rather than sum/sum-of-squares: combining them with Chan's parallel formula does
     not suffer the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std.
     """
-    groups = norm.num_groups
-    means, variances, counts = [], [], []
-    for i, (rows, cols) in enumerate(geometry.cores_at(h)):
-        core = h[i, :, rows, cols].unflatten(0, (groups, -1)).to(_compute_dtype(h))
-        var, mean = torch.var_mean(core, dim=(1, 2, 3), correction=0)
-        means.append(mean)
-        variances.append(var)
-        # new_full is a device-side fill: no host-to-device copy, no synchronisation.
-        counts.append(mean.new_full((), float(core[0].numel())))
-    return Partial(norm, torch.stack(counts), torch.stack(means), torch.stack(variances))
+    count, mean, m2 = core_stats(h, geometry.cores_at(h), norm.num_groups)
+    return Partial(norm, count, mean, m2 / count[:, None])
 
 
-def _normalize(norm: nn.GroupNorm, h: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of h with given (N, G) statistics; computed in float32 (or better), returned in h's dtype."""
-    channels_per_group = h.shape[1] // norm.num_groups
-    scale = torch.rsqrt(var + norm.eps).repeat_interleave(channels_per_group, dim=1)  # (N, C)
-    shift = -mean.repeat_interleave(channels_per_group, dim=1) * scale
-    if norm.affine:
-        weight = norm.weight.to(scale.dtype)
-        shift = shift * weight + norm.bias.to(scale.dtype)
-        scale = scale * weight
-    # Mixed-dtype addcmul computes in float32 (float64) and casts on write: no float32 copy of h.
-    out = torch.empty_like(h)
-    return torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None], out=out)
+def _is_silu(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.SiLU)
 
 
-def _group_norm(norm: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
+def _group_norm(norm: nn.Module, h: torch.Tensor, geometry: TileGeometry, activation: nn.Module | None = None,
+                inplace: bool = False) -> Steps:
+    """GroupNorm with the statistics sent back by the driver, then `activation` (fused when it is SiLU).
+    inplace: h is not needed afterwards, normalise it in place (no new tile-sized tensor)."""
     if not isinstance(norm, nn.GroupNorm):
         raise NotImplementedError(f"tiled VAE supports GroupNorm only, got {type(norm).__name__}")
     mean, var = yield _partial_stats(norm, h, geometry)
-    return _normalize(norm, h, mean, var)
+    fused = _is_silu(activation)
+    out = group_norm_apply(h, mean, var, norm.eps, norm.weight if norm.affine else None,
+                           norm.bias if norm.affine else None, silu=fused, inplace=inplace)
+    return out if fused or activation is None else activation(out)
 
 
 def combine_stats(
-    count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n_images: int
+    count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n_images: int,
+    image_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image statistics from per-tile ones (Chan et al.); tiles are ordered image-major.
+    """Per-image statistics from per-tile ones (Chan et al.).
 
-    count (T,), mean/var (T, G) with T = n_images * tiles_per_image -> mean/var (n_images, G).
+    count (T,), mean/var (T, G); image_index (T,) says which image each tile belongs to (None: tiles are
+    ordered image-major, T = n_images * tiles_per_image) -> mean/var (n_images, G).
     """
+    if image_index is None:
+        image_index = torch.arange(n_images, device=count.device).repeat_interleave(count.shape[0] // n_images)
     groups = mean.shape[-1]
-    c = count.view(n_images, -1, 1)
-    m = mean.view(n_images, -1, groups)
-    v = var.view(n_images, -1, groups)
-    total = c.sum(dim=1)
-    global_mean = (c * m).sum(dim=1) / total
-    global_var = (c * (v + (m - global_mean[:, None]) ** 2)).sum(dim=1) / total
+    c = count[:, None].to(mean.dtype).expand(-1, groups)
+    total = mean.new_zeros(n_images, groups).index_add_(0, image_index, c)
+    global_mean = mean.new_zeros(n_images, groups).index_add_(0, image_index, c * mean) / total
+    spread = c * (var + (mean - global_mean.index_select(0, image_index)) ** 2)
+    global_var = mean.new_zeros(n_images, groups).index_add_(0, image_index, spread) / total
     return global_mean, global_var
 
 
@@ -109,15 +98,16 @@ def _resnet(block: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
     # With temb=None every time_embedding_norm except scale_shift is a plain norm2.
     if block.upsample is not None or block.downsample is not None or block.time_embedding_norm == "scale_shift":
         raise NotImplementedError("tiled VAE supports plain ResnetBlock2D (no up/down, no scale_shift)")
-    x = yield from _group_norm(block.norm1, h, geometry)
-    x = block.nonlinearity(x)
+    x = yield from _group_norm(block.norm1, h, geometry, block.nonlinearity)  # h is the shortcut: kept
     x = block.conv1(x)
-    x = yield from _group_norm(block.norm2, x, geometry)
-    x = block.nonlinearity(x)
+    x = yield from _group_norm(block.norm2, x, geometry, block.nonlinearity, inplace=True)
     x = block.dropout(x)
     x = block.conv2(x)
     shortcut = block.conv_shortcut(h) if block.conv_shortcut is not None else h
-    return (shortcut + x) / block.output_scale_factor
+    # In place on conv2's output (ours): no third tile-sized tensor. The sum cannot be fused into the
+    # next GroupNorm: it is both that norm's input and the next block's shortcut.
+    x = x.add_(shortcut)
+    return x if block.output_scale_factor == 1 else x.div_(block.output_scale_factor)
 
 
 def _attention(attn: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
@@ -146,8 +136,8 @@ def _attention(attn: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Step
     x = attn.to_out[1](x)
     x = x.transpose(-1, -2).reshape(n, channels, height, width)
     if attn.residual_connection:
-        x = x + residual
-    return x / attn.rescale_output_factor
+        x = x.add_(residual)
+    return x if attn.rescale_output_factor == 1 else x.div_(attn.rescale_output_factor)
 
 
 def _mid_block(mid: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
@@ -181,8 +171,7 @@ def encoder_steps(encoder: nn.Module, x: torch.Tensor, geometry: TileGeometry) -
     for block in encoder.down_blocks:
         h = yield from _resnet_block_group(block, h, geometry)
     h = yield from _mid_block(encoder.mid_block, h, geometry)
-    h = yield from _group_norm(encoder.conv_norm_out, h, geometry)
-    h = encoder.conv_act(h)
+    h = yield from _group_norm(encoder.conv_norm_out, h, geometry, encoder.conv_act, inplace=True)
     return encoder.conv_out(h)
 
 
@@ -194,7 +183,6 @@ def decoder_steps(decoder: nn.Module, z: torch.Tensor, geometry: TileGeometry) -
     h = h.to(next(iter(decoder.up_blocks.parameters())).dtype)
     for block in decoder.up_blocks:
         h = yield from _resnet_block_group(block, h, geometry)
-    h = yield from _group_norm(decoder.conv_norm_out, h, geometry)
-    h = decoder.conv_act(h)
+    h = yield from _group_norm(decoder.conv_norm_out, h, geometry, decoder.conv_act, inplace=True)
     return decoder.conv_out(h)
 
