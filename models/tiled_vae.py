@@ -376,8 +376,8 @@ def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch
     mode = _choose_mode(norm_stats, part.module, part.decoder, x, tile_batch, memory_budget)
     if len(tiles) == 1:
         mode = "untiled"
-    elif mode == "estimated" and x.shape[0] * len(tiles) <= tile_batch:
-        mode = "exact"  # all tiles fit in one batch: exact costs no more memory than streaming would
+    elif mode == "estimated" and x.shape[0] * len(tiles) <= max(tile_batch, PROBE_MAX_WINDOWS):
+        mode = "exact"  # no more windows than one batch or the probe pass may hold: exact costs no more
     if mode in ("untiled", "exact"):
         try:
             if mode == "exact":
@@ -391,8 +391,8 @@ def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch
             if norm_stats != "auto" or len(tiles) == 1 or not is_out_of_memory(error):
                 raise
         free_cached_memory(x.device)
-        log.warning("tiled VAE: out of memory untiled; retrying tiled with estimated GroupNorm statistics")
-        if x.shape[0] * len(tiles) <= tile_batch:
+        log.warning("tiled VAE: out of memory untiled; retrying with estimated GroupNorm statistics, tiled")
+        if x.shape[0] * len(tiles) <= max(tile_batch, PROBE_MAX_WINDOWS):
             return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,
                                  check_interrupt)
     probes = _probe_tiles(height, width, tiles, tile, pad, part.multiple)

@@ -79,12 +79,14 @@ def combine_stats(
     """
     if image_index is None:
         image_index = torch.arange(n_images, device=count.device).repeat_interleave(count.shape[0] // n_images)
-    groups = mean.shape[-1]
-    c = count[:, None].to(mean.dtype).expand(-1, groups)
-    total = mean.new_zeros(n_images, groups).index_add_(0, image_index, c)
-    global_mean = mean.new_zeros(n_images, groups).index_add_(0, image_index, c * mean) / total
-    spread = c * (var + (mean - global_mean.index_select(0, image_index)) ** 2)
-    global_var = mean.new_zeros(n_images, groups).index_add_(0, image_index, spread) / total
+    # Sums per image as a product with a one-hot (images x tiles) matrix: tiny, and (unlike index_add_,
+    # measured 0.1 s per call on a busy CPU) as fast as any other small op on every device.
+    one_hot = (image_index[None, :] == torch.arange(n_images, device=count.device)[:, None]).to(mean.dtype)
+    weighted = one_hot * count.to(mean.dtype)[None, :]
+    total = weighted.sum(1, keepdim=True)
+    global_mean = (weighted @ mean) / total
+    spread = var + (mean - global_mean.index_select(0, image_index)) ** 2
+    global_var = (weighted @ spread) / total
     return global_mean, global_var
 
 
