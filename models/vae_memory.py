@@ -130,12 +130,15 @@ class MetaPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
             storage = tensor.untyped_storage()
             key = storage._cdata
             entry = self._live.get(key)
+            if entry is None and key in inputs:
+                continue  # a view of (or in-place on) a tensor made before the context: not new memory
             if entry is None:
                 entry = self._live[key] = [storage.nbytes(), 0]
                 self.current += entry[0]
