@@ -19,13 +19,14 @@ from onestep_sr.models.vae_steps import combine_stats
 ENC_SIZE, ENC_TILE, ENC_PAD = (160, 224), 40, 32  # 3x4 encoder tiles (cores ~56 px, pad 32)
 DEC_SIZE, DEC_TILE, DEC_PAD = (24, 40), 12, 4  # 2x3 decoder tiles (cores 12-14 latent px, pad 4)
 
-# Tiled vs untiled on the tiny RANDOM VAE (measured: encoder mean|err| 0.0117, max 0.17 with output
-# std 0.29; decoder mean|err| 0.0145, max 0.69 with output std 0.39). The remaining error comes from
-# zero padding at tile borders (each core sees `pad` of context, as in the official hook) and per-tile
-# mid-block attention only; random weights make the receptive field unusually influential, so these
-# tolerances (about 1.7x the measurement) are loose on purpose.
-ENC_MEAN_TOL, ENC_MAX_TOL = 0.02, 0.3
-DEC_MEAN_TOL, DEC_MAX_TOL = 0.025, 1.2
+# Tiled vs untiled on the tiny RANDOM VAE with exact statistics (measured: encoder mean|err| 0.019,
+# max 0.20 with output std 0.29; decoder mean|err| 0.029, max 1.48 with output std 0.39). The remaining
+# error comes from zero padding at tile borders (each core sees `pad` of context, windows clamped at the
+# image border as in the official hook) and per-tile mid-block attention only; random weights make the
+# receptive field unusually influential, so these tolerances (about 1.6x the measurement) are loose on
+# purpose.
+ENC_MEAN_TOL, ENC_MAX_TOL = 0.03, 0.35
+DEC_MEAN_TOL, DEC_MAX_TOL = 0.045, 2.4
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,6 @@ def test_tiled_close_to_untiled_and_sharing_matters(vae, images, latents):
                                ref_enc)
     dec_mean, dec_max = errors(decode_tiled(vae, latents, tile_latent=DEC_TILE, pad_latent=DEC_PAD,
                                             norm_stats="exact"), ref_dec)
-    print("tiled vs untiled (mean, max):", (enc_mean, enc_max), (dec_mean, dec_max))
     assert enc_mean < ENC_MEAN_TOL and enc_max < ENC_MAX_TOL, (enc_mean, enc_max)
     assert dec_mean < DEC_MEAN_TOL and dec_max < DEC_MAX_TOL, (dec_mean, dec_max)
 
