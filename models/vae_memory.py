@@ -66,8 +66,9 @@ def forward_profile(part: nn.Module, decoder: bool, input_px: int = 1) -> Forwar
     whether the upsamplers run in strips)."""
     blocks = [part.mid_block, *part.up_blocks] if decoder else [*part.down_blocks, part.mid_block]
     area = 1.0
-    in_channels = part.conv_in.in_channels
-    held, peak = float(in_channels), float(in_channels + part.conv_in.out_channels)
+    conv_in = getattr(part.conv_in, "base_layer", part.conv_in)  # LoRA wrappers keep the conv as base_layer
+    in_channels = conv_in.in_channels
+    held, peak = float(in_channels), float(in_channels + conv_in.out_channels)
     for block in blocks:
         for resnet in block.resnets:
             h, p = _resnet_profile(resnet)
