@@ -164,12 +164,15 @@ def test_tiled_close_to_untiled_and_sharing_matters(vae, images, latents):
     assert enc_mean < ENC_MEAN_TOL and enc_max < ENC_MAX_TOL, (enc_mean, enc_max)
     assert dec_mean < DEC_MEAN_TOL and dec_max < DEC_MAX_TOL, (dec_mean, dec_max)
 
-    # Negative control: naive per-tile statistics (measured 3.5x worse on the encoder, 2.9x on the decoder).
+    # Negative control: naive per-tile statistics on the same tiles (measured mean|err| 0.043 on the encoder,
+    # 0.068 on the decoder: 2.2x and 2.4x the shared-statistics error; the ratio was ~3x with the earlier
+    # wider, border-shifted windows, which hid more of the zero-padding error). Without sharing the ratio
+    # would be 1.
     with torch.no_grad():
         naive_enc = _encode_lockstep(vae, images, enc_tiles, shared_stats=False)
         naive_dec = _decode_lockstep(vae, latents, dec_tiles, shared_stats=False)
-    assert errors(naive_enc, ref_enc)[0] > 2.5 * enc_mean
-    assert errors(naive_dec, ref_dec)[0] > 2.5 * dec_mean
+    assert errors(naive_enc, ref_enc)[0] > 1.8 * enc_mean
+    assert errors(naive_dec, ref_dec)[0] > 1.8 * dec_mean
 
 
 # 5. The tile grid ------------------------------------------------------------------------------------
