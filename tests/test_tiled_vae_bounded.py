@@ -144,17 +144,19 @@ def test_estimated_statistics_are_close_to_untiled_and_far_better_than_naive(vae
     assert dec_est < DEC_EST_TOL and dec_est < dec_naive / 1.8, (dec_est, dec_naive)
 
 
-def test_probe_coverage_is_set_by_the_image_not_the_tile_batch(vae64, structured):
+def test_probe_coverage_is_set_by_the_image_not_the_tile_batch(vae, structured):
     """tile_batch only decides how many tiles run at once: the probes (and so the statistics and the
     output) are the same at tile_batch 1 and 4 (before, one batch of probes at tile_batch=1 measured
-    31 dB on the full-size VAE). float64, so convolution kernels chosen per batch size cannot differ."""
-    z = structured[:, :, :320:8, :448:8].mean(1, keepdim=True).expand(1, 4, 40, 56).double()
+    31 dB on the full-size VAE). float32 is enough: other probes would move the output by about the
+    estimate's error (mean 0.08 from exact here), while float32 kernels chosen per batch size measured a
+    max difference of 3.5e-5."""
+    z = structured[:, :, :320:8, :448:8].mean(1, keepdim=True).expand(1, 4, 40, 56).contiguous()
     tiles = tile_grid(40, 56, 12, 8)
     assert len(tiles) == 8
     with torch.no_grad():
-        one, four = (decode_tiled(vae64, z, tile_latent=12, pad_latent=8, tile_batch=b, norm_stats="estimated")
+        one, four = (decode_tiled(vae, z, tile_latent=12, pad_latent=8, tile_batch=b, norm_stats="estimated")
                      for b in (1, 4))
-    assert torch.allclose(one, four, rtol=0, atol=1e-10)
+    assert torch.allclose(one, four, rtol=0, atol=1e-3)
 
 
 def test_estimated_statistics_are_per_image(vae):
