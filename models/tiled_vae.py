@@ -14,8 +14,13 @@ vae_steps, which pauses at each GroupNorm; this module decides which statistics 
   one batch at a time from input to output with those statistics. Memory is bounded by the tile
   batch, whatever the image size; the cost is the probe pass (about a quarter of the tiles' work at
   most) and statistics that are estimates.
-- auto (the default): exact when its activations fit in the memory the device has free, estimated
-  otherwise, and estimated again if the exact run runs out of memory anyway.
+- auto (the default): untiled when the memory model (vae_memory) says the whole image fits in the
+  memory the device has free (exact, and the exact tiled run never needs less: its windows overlap),
+  estimated otherwise, and estimated again if the untiled run runs out of memory anyway.
+
+Untiled means one window per image through the same generator forward: GroupNorm statistics of the
+whole image, in-place SiLU and normalisation, the fused kernels on the GPU (kernels/), so it needs
+less memory than diffusers' own forward and gives its numbers up to float rounding.
 
 Everything stays on the input's device; neither driver moves tiles through host memory.
 """
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from .device_memory import available_memory, free_cached_memory, is_out_of_memory
+from .vae_memory import forward_profile, lockstep_bytes, untiled_bytes
 from .vae_steps import Partial, Steps, combine_stats, decoder_steps, encoder_steps
 from .vae_tiles import Tile, TileGeometry, probe_grid, tile_grid
 
@@ -43,8 +49,9 @@ StatsHook = Callable[[nn.GroupNorm, torch.Tensor, torch.Tensor], None]
 NormStats = list[tuple[nn.GroupNorm, torch.Tensor, torch.Tensor]]
 
 NORM_STATS_MODES = ("auto", "exact", "estimated")
-MEMORY_HEADROOM = 0.7  # share of the free memory the exact run may plan to use
+MEMORY_HEADROOM = 0.7  # share of the free memory the untiled run may plan to use
 PROBE_WORK_SHARE = 0.5  # the probe pass does at most this share of the tiles' work
+PROBE_MAX_WINDOWS = 4  # ... and holds at most this many tile windows' activations
 PROBE_CORE_SHARE = 2  # a probe's core side is the tile size divided by this
 
 
@@ -57,6 +64,7 @@ PROBE_CORE_SHARE = 2  # a probe's core side is the tile size divided by this
 class _Job:
     items: list[tuple[int, Tile]]  # (image index, tile)
     steps: Steps
+    image_index: torch.Tensor  # (len(items),) on the device: each tile's image
     pending: Partial | None = None
     output: torch.Tensor | None = None
 
@@ -75,15 +83,21 @@ def _make_job(x: torch.Tensor, items: list[tuple[int, Tile]], run: RunFn) -> _Jo
     stacked = torch.stack([x[b, :, tile.window.top : tile.window.bottom, tile.window.left : tile.window.right]
                            for b, tile in items])
     geometry = TileGeometry(window.height, window.width, tuple(tile.local_core for _, tile in items))
-    return _Job(items=items, steps=run(stacked, geometry))
+    image_index = torch.tensor([b for b, _ in items], device=x.device)
+    return _Job(items=items, steps=run(stacked, geometry), image_index=image_index)
 
 
 def _batches(n_images: int, tiles: Sequence[Tile], tile_batch: int) -> list[list[tuple[int, Tile]]]:
-    """(image, tile) pairs, image-major (see combine_stats), cut into batches of tile_batch."""
+    """(image, tile) pairs grouped by window size (one batch stacks windows of one size), in first-seen
+    order, each group cut into batches of tile_batch."""
     if tile_batch < 1:
         raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
-    items = [(b, tile) for b in range(n_images) for tile in tiles]
-    return [items[start : start + tile_batch] for start in range(0, len(items), tile_batch)]
+    groups: dict[tuple[int, int], list[tuple[int, Tile]]] = {}
+    for b in range(n_images):
+        for tile in tiles:
+            groups.setdefault((tile.window.height, tile.window.width), []).append((b, tile))
+    return [items[start : start + tile_batch] for items in groups.values()
+            for start in range(0, len(items), tile_batch)]
 
 
 def _write_cores(result: torch.Tensor, job: _Job, scale: tuple[int, int]) -> None:
@@ -124,23 +138,21 @@ class _Progress:
 
 
 def _exchange_stats(
-    partials: list[Partial], n_images: int, shared: bool, stats_hook: StatsHook | None
+    jobs: list[_Job], n_images: int, shared: bool, stats_hook: StatsHook | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The statistics each job normalises with: per image over all its tiles, or per tile."""
+    partials = [job.pending for job in jobs]
     norm = partials[0].norm
     if any(p.norm is not norm for p in partials):
         raise RuntimeError("tile generators fell out of lockstep")
     if not shared:  # negative control for tests: naive per-tile normalisation
         return ((p.mean, p.var) for p in partials)
     mean, var = combine_stats(torch.cat([p.count for p in partials]), torch.cat([p.mean for p in partials]),
-                              torch.cat([p.var for p in partials]), n_images)
+                              torch.cat([p.var for p in partials]), n_images,
+                              torch.cat([job.image_index for job in jobs]))
     if stats_hook is not None:
         stats_hook(norm, mean, var)
-    tiles_per_image = sum(len(p.count) for p in partials) // n_images
-    mean_tiles = mean.repeat_interleave(tiles_per_image, dim=0)
-    var_tiles = var.repeat_interleave(tiles_per_image, dim=0)
-    sizes = [len(p.count) for p in partials]
-    return zip(mean_tiles.split(sizes), var_tiles.split(sizes), strict=True)
+    return ((mean.index_select(0, job.image_index), var.index_select(0, job.image_index)) for job in jobs)
 
 
 def _drive_lockstep(jobs: list[_Job], n_images: int, counter: _Progress, check_interrupt: InterruptFn | None,
@@ -159,7 +171,7 @@ def _drive_lockstep(jobs: list[_Job], n_images: int, counter: _Progress, check_i
                 return
             if any(finished):
                 raise RuntimeError("tile generators fell out of lockstep")
-            stats = list(_exchange_stats([job.pending for job in jobs], n_images, shared_stats, stats_hook))
+            stats = list(_exchange_stats(jobs, n_images, shared_stats, stats_hook))
     finally:
         for job in jobs:
             job.steps.close()
@@ -222,7 +234,7 @@ def _run_streamed(
         if check_interrupt is not None:
             check_interrupt()
         job = _make_job(x, items, run)
-        index = torch.tensor([b for b, _ in items], device=x.device)
+        index = job.image_index
         try:
             job.advance(None)
             for norm, mean, var in stats:
@@ -242,59 +254,52 @@ def _run_streamed(
     return result
 
 
-def _probe_tiles(height: int, width: int, tiles: Sequence[Tile], tile: int, pad: int, tile_batch: int,
+def _probe_tiles(height: int, width: int, tiles: Sequence[Tile], tile: int, pad: int,
                  multiple: int) -> list[Tile]:
-    """The probe grid for one image: small tiles whose windows add up to at most the area of one tile
-    batch (the memory the streamed run needs anyway) and PROBE_WORK_SHARE of the tiles' windows."""
-    window_area = tiles[0].window.height * tiles[0].window.width
-    budget = min(tile_batch * window_area, PROBE_WORK_SHARE * len(tiles) * window_area)
+    """The probe grid for one image. Its coverage is set by the image, not by tile_batch: the probe
+    windows add up to PROBE_WORK_SHARE of the tiles' windows, capped at PROBE_MAX_WINDOWS of the largest
+    tile window (so memory stays bounded for any image size)."""
+    windows = [t.window.height * t.window.width for t in tiles]
+    budget = min(PROBE_WORK_SHARE * sum(windows), PROBE_MAX_WINDOWS * max(windows))
     core = max(multiple, tile // PROBE_CORE_SHARE // multiple * multiple)
     probe_window = min(core + 2 * pad, height) * min(core + 2 * pad, width)
     return probe_grid(height, width, core, pad, count=max(1, int(budget // probe_window)), snap_multiple=multiple)
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory planning
+# Memory planning (models/vae_memory.py)
 # --------------------------------------------------------------------------------------------------
 
 
-def _elements_per_px(part: nn.Module, decoder: bool) -> tuple[float, float]:
-    """(held, transient) elements per input pixel at the widest stage. Held: what every tile keeps
-    across a GroupNorm pause (the resnet input for the shortcut plus the tensor being normalised).
-    Transient: what the running batch adds on top (an upsampler's nearest-upsampled copy and its
-    convolution output, or a resnet's intermediates)."""
-    blocks = [part.mid_block, *part.up_blocks] if decoder else [*part.down_blocks, part.mid_block]
-    area, held, transient = 1.0, 0.0, 0.0
-    for block in blocks:
-        for resnet in block.resnets:
-            held = max(held, (resnet.in_channels + resnet.out_channels) * area)
-            transient = max(transient, (resnet.in_channels + 2 * resnet.out_channels) * area)
-        for sampler in getattr(block, "upsamplers", None) or ():
-            transient = max(transient, 2 * sampler.channels * area * 4)
-            area *= 4
-        if getattr(block, "downsamplers", None):
-            area /= 4
-    return held, transient
+def _window_px(tiles: Sequence[Tile], n_images: int) -> list[int]:
+    return [t.window.height * t.window.width for t in tiles] * n_images
 
 
-# Measured on the tiny test VAE (decoder and encoder, 2 sizes each): actual peaks were 0.8-1.5x the
-# count of held + transient elements (allocator slack, convolution workspaces); plan with the upper end.
-_PLANNING_FACTOR = 1.5
+def _largest_batch_px(n_images: int, tiles: Sequence[Tile], tile_batch: int) -> int:
+    return max(sum(t.window.height * t.window.width for _, t in items)
+               for items in _batches(n_images, tiles, tile_batch))
 
 
 def exact_memory_bytes(part: nn.Module, decoder: bool, tiles: Sequence[Tile], n_images: int,
                        tile_batch: int, dtype: torch.dtype) -> int:
     """Planned peak of the exact lockstep run: every tile's held activations plus one batch's
-    temporaries. An estimate for choosing the mode, not a promise."""
-    window = tiles[0].window.height * tiles[0].window.width
-    held, transient = _elements_per_px(part, decoder)
-    total_tiles = n_images * len(tiles)
-    elements = window * (total_tiles * held + min(tile_batch, total_tiles) * transient)
-    return int(_PLANNING_FACTOR * elements * torch.empty((), dtype=dtype).element_size())
+    temporaries. An estimate for choosing the mode, not a promise (see vae_memory)."""
+    window = max(t.window.height * t.window.width for t in tiles)
+    return lockstep_bytes(forward_profile(part, decoder, window), _window_px(tiles, n_images),
+                          _largest_batch_px(n_images, tiles, tile_batch), dtype)
 
 
-def _choose_mode(mode: str, part: nn.Module, decoder: bool, x: torch.Tensor, tiles: Sequence[Tile],
-                 tile_batch: int, memory_budget: int | None) -> str:
+def untiled_memory_bytes(part: nn.Module, decoder: bool, n_images: int, height: int, width: int,
+                         tile_batch: int, dtype: torch.dtype) -> int:
+    """Planned peak of the untiled forward (one window per image, images tile_batch at a time)."""
+    return untiled_bytes(forward_profile(part, decoder, height * width), n_images, height, width, tile_batch,
+                         dtype)
+
+
+def _choose_mode(mode: str, part: nn.Module, decoder: bool, x: torch.Tensor, tile_batch: int,
+                 memory_budget: int | None) -> str:
+    """auto: untiled when the model says it fits in the budget (it is exact and, holding no window
+    overlap, never needs more than the exact tiled run), else estimated."""
     if mode not in NORM_STATS_MODES:
         raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS_MODES)}, got {mode!r}")
     if mode != "auto":
@@ -302,10 +307,10 @@ def _choose_mode(mode: str, part: nn.Module, decoder: bool, x: torch.Tensor, til
     if memory_budget is None:
         free = available_memory(x.device)
         if free is None:
-            return "exact"
+            return "untiled"
         memory_budget = int(free * MEMORY_HEADROOM)
-    needed = exact_memory_bytes(part, decoder, tiles, x.shape[0], tile_batch, x.dtype)
-    return "exact" if needed <= memory_budget else "estimated"
+    needed = untiled_memory_bytes(part, decoder, x.shape[0], *x.shape[-2:], tile_batch, x.dtype)
+    return "untiled" if needed <= memory_budget else "estimated"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,11 +333,6 @@ def _decoder_factor(vae: nn.Module) -> int:
 def _quant(vae: nn.Module, moments: torch.Tensor) -> torch.Tensor:
     quant_conv = getattr(vae, "quant_conv", None)
     return quant_conv(moments) if quant_conv is not None else moments
-
-
-def _plain_encode(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """vae.encode(x).latent_dist.parameters without diffusers' own tiling/slicing."""
-    return _quant(vae, vae.encoder(x))
 
 
 def _post_quant(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -369,22 +369,33 @@ def _decoder_part(vae: nn.Module) -> _Part:
 def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch: int, norm_stats: str,
                    memory_budget: int | None, progress: ProgressFn | None,
                    check_interrupt: InterruptFn | None) -> torch.Tensor:
-    """The part's output for x (more than one tile), with exact or estimated statistics."""
+    """The part's output for x: untiled (one window per image) when x fits in one tile or auto finds
+    the memory for it, else tiled with exact or estimated statistics."""
     height, width = x.shape[-2:]
     tiles = tile_grid(height, width, tile, pad, snap_multiple=part.multiple)
-    mode = _choose_mode(norm_stats, part.module, part.decoder, x, tiles, tile_batch, memory_budget)
-    if x.shape[0] * len(tiles) <= tile_batch:
-        mode = "exact"  # all tiles fit in one batch: exact costs no more memory than streaming would
-    if mode == "exact":
+    mode = _choose_mode(norm_stats, part.module, part.decoder, x, tile_batch, memory_budget)
+    if len(tiles) == 1:
+        mode = "untiled"
+    elif mode == "estimated" and x.shape[0] * len(tiles) <= max(tile_batch, PROBE_MAX_WINDOWS):
+        mode = "exact"  # no more windows than one batch or the probe pass may hold: exact costs no more
+    if mode in ("untiled", "exact"):
         try:
-            return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,
-                                 check_interrupt)
+            if mode == "exact":
+                return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,
+                                     check_interrupt)
+            whole = tile_grid(height, width, max(height, width), 0, snap_multiple=part.multiple)
+            per_image = len(tiles)  # progress in the caller's unit: tiles of its grid
+            scaled = None if progress is None else (lambda done, total: progress(done * per_image, total * per_image))
+            return _run_lockstep(x, whole, tile_batch, part.run, part.scale, part.n_norms, scaled, check_interrupt)
         except Exception as error:  # retried below, outside the handler, so the failed run's tensors are freed
-            if norm_stats != "auto" or not is_out_of_memory(error):
+            if norm_stats != "auto" or len(tiles) == 1 or not is_out_of_memory(error):
                 raise
         free_cached_memory(x.device)
-        log.warning("tiled VAE: out of memory with exact GroupNorm statistics; retrying with estimated ones")
-    probes = _probe_tiles(height, width, tiles, tile, pad, tile_batch, part.multiple)
+        log.warning("tiled VAE: out of memory untiled; retrying with estimated GroupNorm statistics, tiled")
+        if x.shape[0] * len(tiles) <= max(tile_batch, PROBE_MAX_WINDOWS):
+            return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,
+                                 check_interrupt)
+    probes = _probe_tiles(height, width, tiles, tile, pad, part.multiple)
     stats = _estimate_stats(x, probes, tile_batch, part.run, check_interrupt)
     return _run_streamed(x, tiles, tile_batch, part.run, part.scale, stats, progress, check_interrupt)
 
@@ -410,10 +421,6 @@ def _prepare_input(t: torch.Tensor, module: nn.Module, what: str) -> torch.Tenso
     return t.to(next(module.parameters()).dtype)
 
 
-def _single_tile(height: int, width: int, tile: int, pad: int, multiple: int) -> bool:
-    return len(tile_grid(height, width, tile, pad, snap_multiple=multiple)) == 1
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -435,8 +442,9 @@ def encode_tiled(
 
     Returns quant_conv's output (mean and logvar concatenated) so the caller picks mean or sample.
     H and W must be multiples of the VAE's downsampling factor (8). An image no larger than
-    tile_px + 2*pad_px runs the plain diffusers encoder (exact); larger ones are tiled with GroupNorm
-    statistics per `norm_stats` ("auto", "exact", "estimated"; see the module docstring);
+    tile_px + 2*pad_px runs untiled (one window per image: the diffusers encoder's numbers up to float
+    rounding, with less memory); larger ones follow `norm_stats` ("auto": untiled when the memory model
+    says it fits, else "estimated"; "exact"; "estimated"; see the module docstring);
     memory_budget (bytes) replaces the device's free memory in auto's choice. progress(done, total)
     counts tiles; check_interrupt() is called between steps and may raise.
     """
@@ -446,13 +454,6 @@ def encode_tiled(
     if height % part.multiple or width % part.multiple:
         raise ValueError(f"encoder input {height}x{width} must have H and W divisible by {part.multiple}; "
                          "pad or crop it")
-    if _single_tile(height, width, tile_px, pad_px, part.multiple):
-        if check_interrupt is not None:
-            check_interrupt()
-        moments = _plain_encode(vae, x)
-        if progress is not None:
-            progress(x.shape[0], x.shape[0])
-        return moments
     return _quant(vae, _tiled_forward(part, x, tile_px, pad_px, tile_batch, norm_stats, memory_budget,
                                       progress, check_interrupt))
 
@@ -472,16 +473,9 @@ def decode_tiled(
     """Decode UNSCALED latents (already divided by the scaling factor) to images in [-1, 1].
 
     The output is not clamped (the caller clamps). A latent no larger than tile_latent +
-    2*pad_latent runs the plain diffusers decoder (exact); larger ones are tiled as in encode_tiled.
+    2*pad_latent runs untiled; larger ones follow `norm_stats` as in encode_tiled.
     """
     part = _decoder_part(vae)
     z = _prepare_input(z, vae.decoder, "latent")
-    if _single_tile(z.shape[-2], z.shape[-1], tile_latent, pad_latent, part.multiple):
-        if check_interrupt is not None:
-            check_interrupt()
-        image = vae.decoder(_post_quant(vae, z))
-        if progress is not None:
-            progress(z.shape[0], z.shape[0])
-        return image
     return _tiled_forward(part, _post_quant(vae, z), tile_latent, pad_latent, tile_batch, norm_stats,
                           memory_budget, progress, check_interrupt)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import core_stats, group_norm_apply
 from .vae_tiles import TileGeometry
 
 
@@ -38,64 +39,54 @@ class Partial:
 Steps = Generator[Partial, tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """float32 for fp16/bf16/fp32 activations, float64 stays float64."""
-    return torch.promote_types(h.dtype, torch.float32)
-
-
 def _partial_stats(norm: nn.GroupNorm, h: torch.Tensor, geometry: TileGeometry) -> Partial:
-    """Mean and (biased) variance per tile and group over the core only, in float32 (or better).
+    """Mean and (biased) variance per tile and group over the core only, accumulated in float32 (or
+    better) without a float32 copy of the tile (kernels.core_stats: Triton on the GPU, a few groups
+    at a time in PyTorch).
 
     Mean/variance rather than sum/sum-of-squares: combining them with Chan's parallel formula does
     not suffer the catastrophic cancellation of E[x^2] - E[x]^2 when |mean| >> std.
     """
-    groups = norm.num_groups
-    means, variances, counts = [], [], []
-    for i, (rows, cols) in enumerate(geometry.cores_at(h)):
-        core = h[i, :, rows, cols].unflatten(0, (groups, -1)).to(_compute_dtype(h))
-        var, mean = torch.var_mean(core, dim=(1, 2, 3), correction=0)
-        means.append(mean)
-        variances.append(var)
-        # new_full is a device-side fill: no host-to-device copy, no synchronisation.
-        counts.append(mean.new_full((), float(core[0].numel())))
-    return Partial(norm, torch.stack(counts), torch.stack(means), torch.stack(variances))
+    count, mean, m2 = core_stats(h, geometry.cores_at(h), norm.num_groups)
+    return Partial(norm, count, mean, m2 / count[:, None])
 
 
-def _normalize(norm: nn.GroupNorm, h: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """GroupNorm of h with given (N, G) statistics; computed in float32 (or better), returned in h's dtype."""
-    channels_per_group = h.shape[1] // norm.num_groups
-    scale = torch.rsqrt(var + norm.eps).repeat_interleave(channels_per_group, dim=1)  # (N, C)
-    shift = -mean.repeat_interleave(channels_per_group, dim=1) * scale
-    if norm.affine:
-        weight = norm.weight.to(scale.dtype)
-        shift = shift * weight + norm.bias.to(scale.dtype)
-        scale = scale * weight
-    # Mixed-dtype addcmul computes in float32 (float64) and casts on write: no float32 copy of h.
-    out = torch.empty_like(h)
-    return torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None], out=out)
+def _is_silu(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.SiLU)
 
 
-def _group_norm(norm: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
+def _group_norm(norm: nn.Module, h: torch.Tensor, geometry: TileGeometry, activation: nn.Module | None = None,
+                inplace: bool = False) -> Steps:
+    """GroupNorm with the statistics sent back by the driver, then `activation` (fused when it is SiLU).
+    inplace: h is not needed afterwards, normalise it in place (no new tile-sized tensor)."""
     if not isinstance(norm, nn.GroupNorm):
         raise NotImplementedError(f"tiled VAE supports GroupNorm only, got {type(norm).__name__}")
     mean, var = yield _partial_stats(norm, h, geometry)
-    return _normalize(norm, h, mean, var)
+    fused = _is_silu(activation)
+    out = group_norm_apply(h, mean, var, norm.eps, norm.weight if norm.affine else None,
+                           norm.bias if norm.affine else None, silu=fused, inplace=inplace)
+    return out if fused or activation is None else activation(out)
 
 
 def combine_stats(
-    count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n_images: int
+    count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n_images: int,
+    image_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image statistics from per-tile ones (Chan et al.); tiles are ordered image-major.
+    """Per-image statistics from per-tile ones (Chan et al.).
 
-    count (T,), mean/var (T, G) with T = n_images * tiles_per_image -> mean/var (n_images, G).
+    count (T,), mean/var (T, G); image_index (T,) says which image each tile belongs to (None: tiles are
+    ordered image-major, T = n_images * tiles_per_image) -> mean/var (n_images, G).
     """
-    groups = mean.shape[-1]
-    c = count.view(n_images, -1, 1)
-    m = mean.view(n_images, -1, groups)
-    v = var.view(n_images, -1, groups)
-    total = c.sum(dim=1)
-    global_mean = (c * m).sum(dim=1) / total
-    global_var = (c * (v + (m - global_mean[:, None]) ** 2)).sum(dim=1) / total
+    if image_index is None:
+        image_index = torch.arange(n_images, device=count.device).repeat_interleave(count.shape[0] // n_images)
+    # Sums per image as a product with a one-hot (images x tiles) matrix: tiny, and (unlike index_add_,
+    # measured 0.1 s per call on a busy CPU) as fast as any other small op on every device.
+    one_hot = (image_index[None, :] == torch.arange(n_images, device=count.device)[:, None]).to(mean.dtype)
+    weighted = one_hot * count.to(mean.dtype)[None, :]
+    total = weighted.sum(1, keepdim=True)
+    global_mean = (weighted @ mean) / total
+    spread = var + (mean - global_mean.index_select(0, image_index)) ** 2
+    global_var = (weighted @ spread) / total
     return global_mean, global_var
 
 
@@ -103,24 +94,39 @@ def combine_stats(
 # Generator re-implementation of the diffusers forward
 # --------------------------------------------------------------------------------------------------
 
+# A one-element list handing a tensor to a sub-generator. `h = yield from f(h)` would keep the input
+# alive in the caller's frame until f returns (a whole resnet or block later); callers hold their
+# activation only in a box (`box = [(yield from f(box))]`), the callee pops it and the tensor is freed as
+# soon as the callee is done with it (the widest stage drops a tile-sized tensor).
+Box = list
 
-def _resnet(block: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
-    """diffusers ResnetBlock2D.forward with temb=None (VAE blocks have no time embedding)."""
+
+
+
+def _resnet(block: nn.Module, box: Box, geometry: TileGeometry) -> Steps:
+    """diffusers ResnetBlock2D.forward with temb=None (VAE blocks have no time embedding).
+
+    With a 1x1 conv shortcut (channels change), the shortcut is computed first so that h is free to be
+    normalised in place: the same numbers with one tile-sized tensor fewer at the widest stage.
+    """
     # With temb=None every time_embedding_norm except scale_shift is a plain norm2.
     if block.upsample is not None or block.downsample is not None or block.time_embedding_norm == "scale_shift":
         raise NotImplementedError("tiled VAE supports plain ResnetBlock2D (no up/down, no scale_shift)")
-    x = yield from _group_norm(block.norm1, h, geometry)
-    x = block.nonlinearity(x)
+    h = box.pop()
+    shortcut = block.conv_shortcut(h) if block.conv_shortcut is not None else h
+    x = yield from _group_norm(block.norm1, h, geometry, block.nonlinearity, inplace=shortcut is not h)
+    del h
     x = block.conv1(x)
-    x = yield from _group_norm(block.norm2, x, geometry)
-    x = block.nonlinearity(x)
+    x = yield from _group_norm(block.norm2, x, geometry, block.nonlinearity, inplace=True)
     x = block.dropout(x)
     x = block.conv2(x)
-    shortcut = block.conv_shortcut(h) if block.conv_shortcut is not None else h
-    return (shortcut + x) / block.output_scale_factor
+    # In place on conv2's output (ours): no third tile-sized tensor. The sum cannot be fused into the
+    # next GroupNorm: it is both that norm's input and the next block's shortcut.
+    x = x.add_(shortcut)
+    return x if block.output_scale_factor == 1 else x.div_(block.output_scale_factor)
 
 
-def _attention(attn: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
+def _attention(attn: nn.Module, box: Box, geometry: TileGeometry) -> Steps:
     """diffusers Attention + AttnProcessor2_0 for the VAE mid-block (self-attention over one tile).
 
     The attention itself is per batch element, i.e. per tile: the one approximation besides
@@ -128,6 +134,7 @@ def _attention(attn: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Step
     """
     if attn.spatial_norm is not None or attn.norm_cross:
         raise NotImplementedError("tiled VAE does not support spatial-norm or cross attention")
+    h = box.pop()
     residual = h
     n, channels, height, width = h.shape
     if attn.group_norm is not None:
@@ -146,21 +153,21 @@ def _attention(attn: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Step
     x = attn.to_out[1](x)
     x = x.transpose(-1, -2).reshape(n, channels, height, width)
     if attn.residual_connection:
-        x = x + residual
-    return x / attn.rescale_output_factor
+        x = x.add_(residual)
+    return x if attn.rescale_output_factor == 1 else x.div_(attn.rescale_output_factor)
 
 
-def _mid_block(mid: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
+def _mid_block(mid: nn.Module, box: Box, geometry: TileGeometry) -> Steps:
     """diffusers UNetMidBlock2D.forward: resnet, then (attention, resnet) pairs."""
-    h = yield from _resnet(mid.resnets[0], h, geometry)
+    box = [(yield from _resnet(mid.resnets[0], box, geometry))]
     for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
         if attn is not None:
-            h = yield from _attention(attn, h, geometry)
-        h = yield from _resnet(resnet, h, geometry)
-    return h
+            box = [(yield from _attention(attn, box, geometry))]
+        box = [(yield from _resnet(resnet, box, geometry))]
+    return box.pop()
 
 
-def _resnet_block_group(block: nn.Module, h: torch.Tensor, geometry: TileGeometry) -> Steps:
+def _resnet_block_group(block: nn.Module, box: Box, geometry: TileGeometry) -> Steps:
     """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then the resampler modules as they are.
 
     Downsample2D (zero pad (0,1,0,1), stride-2 conv) and Upsample2D (nearest x2, conv) have no
@@ -169,32 +176,78 @@ def _resnet_block_group(block: nn.Module, h: torch.Tensor, geometry: TileGeometr
     if getattr(block, "attentions", None):
         raise NotImplementedError(f"tiled VAE does not support {type(block).__name__}")
     for resnet in block.resnets:
-        h = yield from _resnet(resnet, h, geometry)
-    for resampler in getattr(block, "downsamplers", None) or getattr(block, "upsamplers", None) or ():
+        box = [(yield from _resnet(resnet, box, geometry))]
+    h = box.pop()
+    for resampler in getattr(block, "downsamplers", None) or ():
         h = resampler(h)
+    for resampler in getattr(block, "upsamplers", None) or ():
+        h = upsample_in_strips(resampler, h) if _strippable(resampler) else resampler(h)
     return h
+
+
+# The upsampler runs in UPSAMPLE_STRIPS strips when its output has at least UPSAMPLE_MIN_ELEMENTS
+# elements (smaller tensors are not worth the extra launches).
+UPSAMPLE_STRIPS = 8
+UPSAMPLE_MIN_ELEMENTS = 2**22
+
+
+def _strippable(sampler: nn.Module) -> bool:
+    """diffusers Upsample2D as the VAE uses it: nearest x2, then a 3x3 stride-1 conv with padding 1."""
+    conv = getattr(sampler, "conv", None)
+    base = getattr(conv, "base_layer", conv)  # a PEFT LoRA wrapper keeps the conv as base_layer
+    return (type(sampler).__name__ == "Upsample2D" and getattr(sampler, "interpolate", False)
+            and getattr(sampler, "use_conv", False) and not getattr(sampler, "use_conv_transpose", True)
+            and getattr(sampler, "norm", None) is None and getattr(sampler, "name", "conv") == "conv"
+            and isinstance(base, nn.Conv2d) and base.kernel_size == (3, 3) and base.stride == (1, 1)
+            and base.padding == (1, 1) and base.dilation == (1, 1))
+
+
+def upsample_in_strips(sampler: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Upsample2D(h) computed in horizontal strips: the x2 nearest-upsampled copy (4x the input, the
+    largest temporary of the decoder) exists one strip at a time. Each strip of output rows is convolved
+    with 2 upsampled rows of real context on each side (zero padding only at the image border, as in the
+    whole-tensor conv) and cropped, so the result is the same as sampler(h)."""
+    n, _, height, width = h.shape
+    rows = -(-height // UPSAMPLE_STRIPS)  # input rows per strip
+    if 4 * h.numel() < UPSAMPLE_MIN_ELEMENTS or rows >= height:
+        return sampler(h)
+    out = None
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        lo, hi = max(0, start - 1), min(height, stop + 1)  # one input row = two upsampled rows of context
+        up = F.interpolate(h[:, :, lo:hi], scale_factor=2.0, mode="nearest")
+        strip = sampler.conv(up)[:, :, 2 * (start - lo) : 2 * (start - lo) + 2 * (stop - start)]
+        if out is None:
+            out = torch.empty(n, strip.shape[1], 2 * height, 2 * width, dtype=strip.dtype, device=strip.device,
+                              memory_format=_memory_format(h))
+        out[:, :, 2 * start : 2 * stop] = strip
+    return out
+
+
+def _memory_format(h: torch.Tensor) -> torch.memory_format:
+    channels_last = not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def encoder_steps(encoder: nn.Module, x: torch.Tensor, geometry: TileGeometry) -> Steps:
     """diffusers Encoder.forward as a generator."""
-    h = encoder.conv_in(x)
+    box = [encoder.conv_in(x)]
     for block in encoder.down_blocks:
-        h = yield from _resnet_block_group(block, h, geometry)
-    h = yield from _mid_block(encoder.mid_block, h, geometry)
-    h = yield from _group_norm(encoder.conv_norm_out, h, geometry)
-    h = encoder.conv_act(h)
+        box = [(yield from _resnet_block_group(block, box, geometry))]
+    h = yield from _mid_block(encoder.mid_block, box, geometry)
+    h = yield from _group_norm(encoder.conv_norm_out, h, geometry, encoder.conv_act, inplace=True)
     return encoder.conv_out(h)
 
 
 def decoder_steps(decoder: nn.Module, z: torch.Tensor, geometry: TileGeometry) -> Steps:
     """diffusers Decoder.forward (latent_embeds=None) as a generator."""
-    h = decoder.conv_in(z)
-    h = yield from _mid_block(decoder.mid_block, h, geometry)
+    h = yield from _mid_block(decoder.mid_block, [decoder.conv_in(z)], geometry)
     # Older diffusers cast to the up blocks' dtype here (a no-op when the decoder has one dtype).
-    h = h.to(next(iter(decoder.up_blocks.parameters())).dtype)
+    box = [h.to(next(iter(decoder.up_blocks.parameters())).dtype)]
+    del h
     for block in decoder.up_blocks:
-        h = yield from _resnet_block_group(block, h, geometry)
-    h = yield from _group_norm(decoder.conv_norm_out, h, geometry)
-    h = decoder.conv_act(h)
+        box = [(yield from _resnet_block_group(block, box, geometry))]
+    h = box.pop()
+    h = yield from _group_norm(decoder.conv_norm_out, h, geometry, decoder.conv_act, inplace=True)
     return decoder.conv_out(h)
 

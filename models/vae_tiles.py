@@ -49,8 +49,8 @@ class Box:
 class Tile:
     """One tile: the padded input window it reads and the core region it writes.
 
-    Cores of all tiles partition the image exactly; windows contain their core, are clamped to the
-    image and all have the same size (so tiles can be stacked into one batch).
+    Cores of all tiles partition the image exactly; windows contain their core and are clamped to the
+    image (tiles whose windows have the same size stack into one batch).
     """
 
     window: Box
@@ -65,27 +65,21 @@ class Tile:
 def _axis_spans(size: int, tile: int, pad: int, multiple: int) -> list[tuple[int, int, int, int]]:
     """Tiles along one axis as (window_start, window_end, core_start, core_end).
 
-    Cores are balanced (equal up to `multiple`) rather than `tile, tile, ..., remainder`, and every
-    window is the largest core plus `pad` on each side, centred on its core then shifted inside the
-    image: every core gets at least `pad` context on each side that is not an image border, and the
-    last tile is snapped to the border instead of shrinking. Sizing windows by the balanced core, not
-    the nominal tile, keeps the overlap at 2*pad: an image just above one tile would otherwise get
-    windows that each cover almost all of it (measured: 3.7x the untiled decoder's memory).
+    As in the official OSEDiff hook (pkuliyi2015's tiled VAE): ceil((size - 2*pad) / tile) tiles,
+    balanced cores (equal up to `multiple`) that partition the axis, and each window is its core plus
+    `pad` on each side, clamped to the image. A border needs no context (the untiled model zero-pads
+    there too), so border windows are shorter instead of being shifted inward: the windows add up to
+    size + 2*pad*(count - 1), the least any tiling with `pad` of context can read. Windows of different
+    sizes run in different batches.
     """
     if size <= tile + 2 * pad:
         return [(0, size, 0, size)]
-    count = math.ceil(size / tile)
     units = size // multiple
+    count = min(units, math.ceil((size - 2 * pad) / tile))
     # floor(i * units / count + 1/2) in integers: strictly increasing since units >= count.
     bounds = [multiple * ((2 * i * units + count) // (2 * count)) for i in range(count + 1)]
-    largest_core = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-    window = min(largest_core + 2 * pad, size)
-    spans = []
-    for core_start, core_end in zip(bounds[:-1], bounds[1:], strict=True):
-        slack = (window - (core_end - core_start)) // 2 // multiple * multiple
-        start = min(max(core_start - slack, 0), size - window)
-        spans.append((start, start + window, core_start, core_end))
-    return spans
+    return [(max(core_start - pad, 0), min(core_end + pad, size), core_start, core_end)
+            for core_start, core_end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def tile_grid(size_h: int, size_w: int, tile: int, pad: int, snap_multiple: int = 1) -> list[Tile]:

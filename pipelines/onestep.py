@@ -251,8 +251,8 @@ class OneStepPipeline:
                         settings.tile_batch, on_tile=counter.stage("unet"))
         z0 = x0_from_eps(latent, eps, conditions.timesteps, model.schedule)
 
-        image = self.decode(z0 / model.scaling_factor, settings, hooks, counter.stage("decode"))
-        return crop_to((image.float().clamp(-1, 1) + 1) / 2, original_hw)
+        image = self.decode(z0 / model.scaling_factor, settings, hooks, counter.stage("decode")).float()
+        return crop_to(image.clamp_(-1, 1).add_(1).div_(2), original_hw)  # in place: the decoder's own tensor
 
     def encode(self, x: torch.Tensor, settings: UpscaleSettings, conditions: Conditions, hooks: RunHooks,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

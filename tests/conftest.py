@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# Without a GPU the Triton kernel tests (test_kernels.py) run in Triton's interpreter; it must be chosen
+# before anything imports Triton (diffusers does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tinymodels  # noqa: E402

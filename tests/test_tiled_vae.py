@@ -16,16 +16,17 @@ from onestep_sr.models.tiled_vae import (
 from onestep_sr.models.vae_steps import combine_stats
 
 # Forced-tiling settings on small inputs (the tiny VAE downsamples by 8, like SD).
-ENC_SIZE, ENC_TILE, ENC_PAD = (160, 224), 64, 32  # 12 encoder tiles (cores ~56 px, pad 32)
-DEC_SIZE, DEC_TILE, DEC_PAD = (24, 40), 16, 4  # 3 decoder tiles (cores ~13 latent px, pad 4)
+ENC_SIZE, ENC_TILE, ENC_PAD = (160, 224), 40, 32  # 3x4 encoder tiles (cores ~56 px, pad 32)
+DEC_SIZE, DEC_TILE, DEC_PAD = (24, 40), 12, 4  # 2x3 decoder tiles (cores 12-14 latent px, pad 4)
 
-# Tiled vs untiled on the tiny RANDOM VAE (measured: encoder mean|err| 0.0117, max 0.17 with output
-# std 0.29; decoder mean|err| 0.0145, max 0.69 with output std 0.39). The remaining error comes from
-# zero padding at tile borders (each core sees `pad` of context, as in the official hook) and per-tile
-# mid-block attention only; random weights make the receptive field unusually influential, so these
-# tolerances (about 1.7x the measurement) are loose on purpose.
-ENC_MEAN_TOL, ENC_MAX_TOL = 0.02, 0.3
-DEC_MEAN_TOL, DEC_MAX_TOL = 0.025, 1.2
+# Tiled vs untiled on the tiny RANDOM VAE with exact statistics (measured: encoder mean|err| 0.019,
+# max 0.20 with output std 0.29; decoder mean|err| 0.029, max 1.48 with output std 0.39). The remaining
+# error comes from zero padding at tile borders (each core sees `pad` of context, windows clamped at the
+# image border as in the official hook) and per-tile mid-block attention only; random weights make the
+# receptive field unusually influential, so these tolerances (about 1.6x the measurement) are loose on
+# purpose.
+ENC_MEAN_TOL, ENC_MAX_TOL = 0.03, 0.35
+DEC_MEAN_TOL, DEC_MAX_TOL = 0.045, 2.4
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,13 @@ def errors(a, b):
 
 
 def test_single_tile_inputs_equal_diffusers(vae, images, latents):
+    """Untiled runs go through the lean generator forward: diffusers' numbers up to float32 rounding."""
     x = images[:, :, :64, :96]
-    assert torch.allclose(encode_tiled(vae, x, tile_px=64, pad_px=16), plain_encode(vae, x), atol=1e-6)
+    ref = plain_encode(vae, x)
+    assert (encode_tiled(vae, x, tile_px=64, pad_px=16) - ref).abs().max() <= 1e-5 * ref.abs().max()
     z = latents[:, :, :16, :24]
-    assert torch.allclose(decode_tiled(vae, z, tile_latent=16, pad_latent=4), plain_decode(vae, z), atol=1e-6)
+    ref = plain_decode(vae, z)
+    assert (decode_tiled(vae, z, tile_latent=16, pad_latent=4) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 # 2. The generator re-implementation of the forward is exact --------------------------------------------
@@ -116,7 +120,7 @@ def test_shared_statistics_equal_untiled_statistics(vae, images, latents):
     must equal the untiled ones exactly; deeper, activations near tile borders differ slightly."""
     enc_tiles = tile_grid(*ENC_SIZE, ENC_TILE, ENC_PAD, snap_multiple=8)
     dec_tiles = tile_grid(*DEC_SIZE, DEC_TILE, DEC_PAD)
-    assert len(enc_tiles) == 12 and len(dec_tiles) == 3
+    assert len(enc_tiles) == 12 and len(dec_tiles) == 6
     with torch.no_grad():
         enc_seen = _tiled_stats(lambda hook: _encode_lockstep(vae, images, enc_tiles, stats_hook=hook))
         dec_seen = _tiled_stats(lambda hook: _decode_lockstep(vae, latents, dec_tiles, stats_hook=hook))
@@ -153,17 +157,22 @@ def test_tiled_close_to_untiled_and_sharing_matters(vae, images, latents):
     dec_tiles = tile_grid(*DEC_SIZE, DEC_TILE, DEC_PAD)
     ref_enc, ref_dec = plain_encode(vae, images), plain_decode(vae, latents)
 
-    enc_mean, enc_max = errors(encode_tiled(vae, images, tile_px=ENC_TILE, pad_px=ENC_PAD), ref_enc)
-    dec_mean, dec_max = errors(decode_tiled(vae, latents, tile_latent=DEC_TILE, pad_latent=DEC_PAD), ref_dec)
+    enc_mean, enc_max = errors(encode_tiled(vae, images, tile_px=ENC_TILE, pad_px=ENC_PAD, norm_stats="exact"),
+                               ref_enc)
+    dec_mean, dec_max = errors(decode_tiled(vae, latents, tile_latent=DEC_TILE, pad_latent=DEC_PAD,
+                                            norm_stats="exact"), ref_dec)
     assert enc_mean < ENC_MEAN_TOL and enc_max < ENC_MAX_TOL, (enc_mean, enc_max)
     assert dec_mean < DEC_MEAN_TOL and dec_max < DEC_MAX_TOL, (dec_mean, dec_max)
 
-    # Negative control: naive per-tile statistics (measured 3.5x worse on the encoder, 2.9x on the decoder).
+    # Negative control: naive per-tile statistics on the same tiles (measured mean|err| 0.043 on the encoder,
+    # 0.068 on the decoder: 2.2x and 2.4x the shared-statistics error; the ratio was ~3x with the earlier
+    # wider, border-shifted windows, which hid more of the zero-padding error). Without sharing the ratio
+    # would be 1.
     with torch.no_grad():
         naive_enc = _encode_lockstep(vae, images, enc_tiles, shared_stats=False)
         naive_dec = _decode_lockstep(vae, latents, dec_tiles, shared_stats=False)
-    assert errors(naive_enc, ref_enc)[0] > 2.5 * enc_mean
-    assert errors(naive_dec, ref_dec)[0] > 2.5 * dec_mean
+    assert errors(naive_enc, ref_enc)[0] > 1.8 * enc_mean
+    assert errors(naive_dec, ref_dec)[0] > 1.8 * dec_mean
 
 
 # 5. The tile grid ------------------------------------------------------------------------------------
@@ -177,8 +186,6 @@ def test_tiled_close_to_untiled_and_sharing_matters(vae, images, latents):
 def test_tile_grid_partitions_the_image(height, width, tile, pad, multiple):
     tiles = tile_grid(height, width, tile, pad, snap_multiple=multiple)
     cover = torch.zeros(height, width, dtype=torch.int32)
-    window_sizes = {(t.window.height, t.window.width) for t in tiles}
-    assert len(window_sizes) == 1  # all windows the same size: tiles stack into one batch
     for t in tiles:
         w, c = t.window, t.core
         assert 0 <= w.top and 0 <= w.left and w.bottom <= height and w.right <= width  # clamped
@@ -191,14 +198,15 @@ def test_tile_grid_partitions_the_image(height, width, tile, pad, multiple):
         assert c.bottom == height or w.bottom - c.bottom >= pad
         assert c.right == width or w.right - c.right >= pad
     assert bool((cover == 1).all())  # every pixel in exactly one core
-    assert max(t.window.bottom for t in tiles) == height and max(t.window.right for t in tiles) == width
-    # Windows are the largest core plus pad on each side (overlap 2*pad, not more), and the last
-    # row/column is snapped to the border instead of shrinking.
-    largest_h = max(t.core.height for t in tiles)
-    largest_w = max(t.core.width for t in tiles)
-    assert window_sizes == {(min(height, largest_h + 2 * pad), min(width, largest_w + 2 * pad))}
-    for largest, size in ((largest_h, height), (largest_w, width)):
-        assert largest == size or largest <= tile + multiple  # balanced cores, not a remainder tile
+    # Windows are the core plus pad on each side, clamped to the image (overlap 2*pad, border windows
+    # not shifted inward); cores are balanced (within `multiple`), not a remainder tile.
+    pad_m = -(-pad // multiple) * multiple
+    for t in tiles:
+        w, c = t.window, t.core
+        assert (w.top, w.left) == (max(0, c.top - pad_m), max(0, c.left - pad_m))
+        assert (w.bottom, w.right) == (min(height, c.bottom + pad_m), min(width, c.right + pad_m))
+    for sizes in ({t.core.height for t in tiles}, {t.core.width for t in tiles}):
+        assert max(sizes) - min(sizes) <= multiple
 
 
 def test_tile_grid_single_tile_when_it_fits():
@@ -217,8 +225,8 @@ def test_encoder_input_must_be_a_multiple_of_8(vae):
 def test_batch_statistics_are_per_image(vae, images, latents):
     x = torch.cat([images[:1], 0.3 * images[1:] + 0.5])  # very different statistics
     z = torch.cat([latents[:1], 2.0 * latents[1:] - 1.0])
-    enc = dict(tile_px=ENC_TILE, pad_px=ENC_PAD, tile_batch=5)  # batches mix tiles of both images
-    dec = dict(tile_latent=DEC_TILE, pad_latent=DEC_PAD, tile_batch=4)
+    enc = dict(tile_px=ENC_TILE, pad_px=ENC_PAD, tile_batch=5, norm_stats="exact")  # batches mix both images
+    dec = dict(tile_latent=DEC_TILE, pad_latent=DEC_PAD, tile_batch=4, norm_stats="exact")
     both = encode_tiled(vae, x, **enc)
     alone = torch.cat([encode_tiled(vae, x[i : i + 1], **enc) for i in range(2)])
     assert torch.allclose(both, alone, atol=1e-5)
@@ -234,16 +242,16 @@ def test_tile_batch_does_not_change_the_result(vae64, images, latents):
     """float64 (on smaller inputs, for speed), so CPU convolution kernels chosen per batch size
     cannot hide a real difference."""
     x, z = images[:1, :, :96, :160].double(), latents[:1, :, :16, :24].double()
-    enc = [encode_tiled(vae64, x, tile_px=32, pad_px=16, tile_batch=b) for b in (1, 3)]
-    dec = [decode_tiled(vae64, z, tile_latent=8, pad_latent=4, tile_batch=b) for b in (1, 3)]
-    assert len(tile_grid(96, 160, 32, 16, snap_multiple=8)) == 15 and len(tile_grid(16, 24, 8, 4)) == 3
+    enc = [encode_tiled(vae64, x, tile_px=32, pad_px=16, tile_batch=b, norm_stats="exact") for b in (1, 3)]
+    dec = [decode_tiled(vae64, z, tile_latent=8, pad_latent=4, tile_batch=b, norm_stats="exact") for b in (1, 3)]
+    assert len(tile_grid(96, 160, 32, 16, snap_multiple=8)) == 8 and len(tile_grid(16, 24, 8, 4)) == 2
     assert torch.allclose(enc[0], enc[1], atol=1e-10)
     assert torch.allclose(dec[0], dec[1], atol=1e-10)
 
 
 def test_progress_counts_all_tiles(vae, images, latents):
     calls = []
-    encode_tiled(vae, images, tile_px=ENC_TILE, pad_px=ENC_PAD, tile_batch=5,
+    encode_tiled(vae, images, tile_px=ENC_TILE, pad_px=ENC_PAD, tile_batch=5, norm_stats="exact",
                  progress=lambda done, total: calls.append((done, total)))
     total = 2 * len(tile_grid(*ENC_SIZE, ENC_TILE, ENC_PAD, snap_multiple=8))
     assert calls[-1] == (total, total)
@@ -252,7 +260,7 @@ def test_progress_counts_all_tiles(vae, images, latents):
 
     calls.clear()
     decode_tiled(vae, latents[:, :, :8, :8], progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(2, 2)]  # untiled: one tile per image
+    assert calls[-1] == (2, 2) and all(t == 2 for _, t in calls)  # untiled: one tile per image
 
 
 def test_check_interrupt_aborts(vae, latents):
@@ -268,7 +276,7 @@ def test_check_interrupt_aborts(vae, latents):
 
     progress = []
     with pytest.raises(Interrupted):
-        decode_tiled(vae, latents, tile_latent=DEC_TILE, pad_latent=DEC_PAD, check_interrupt=check,
+        decode_tiled(vae, latents, tile_latent=DEC_TILE, pad_latent=DEC_PAD, norm_stats="exact", check_interrupt=check,
                      progress=lambda done, total: progress.append(done))
     assert len(calls) == 4
     assert not progress or progress[-1] < 2 * len(tile_grid(*DEC_SIZE, DEC_TILE, DEC_PAD))

@@ -114,10 +114,10 @@ def test_streamed_run_refuses_statistics_of_another_vae(vae, tiny_base):
 
 # 3. Accuracy of the estimate --------------------------------------------------------------------------
 
-# Measured on the structured image (tiny random VAE, mean |err| against untiled): encoder (tile 96, pad
-# 32) exact 0.033, estimated 0.037, naive per-tile 0.156; decoder (tile 16, pad 8) exact 0.027,
-# estimated 0.091, naive 0.209 (output std 0.39). Over other tile sizes the decoder's estimate measured
-# 0.089-0.126, always about half the naive error: the probes cover only part of the image.
+# Measured on the structured image (tiny random VAE, mean |err| against untiled, windows = core + pad
+# clamped as in the official hook): encoder (tile 96, pad 32) exact 0.034, estimated 0.042, naive
+# per-tile 0.147; decoder (tile 16, pad 8) exact 0.030, estimated 0.093, naive 0.184 (output std 0.39);
+# tile 12: 0.033 / 0.100 / 0.192. The same at tile_batch 1 and 4: the probes are set by the image.
 ENC_EST_TOL, DEC_EST_TOL = 0.06, 0.14
 
 
@@ -139,9 +139,24 @@ def test_estimated_statistics_are_close_to_untiled_and_far_better_than_naive(vae
         estimated = decode_tiled(vae, z, tile_latent=16, pad_latent=8, norm_stats="estimated")
         naive = tiled_vae._decode_lockstep(vae, z, tile_grid(40, 56, 16, 8), shared_stats=False)
         dec_est, dec_naive = mean_error(estimated, decoded), mean_error(naive, decoded)
-    assert len(tiles) == 20
+    assert len(tiles) == 12
     assert enc_est < ENC_EST_TOL and enc_est < enc_naive / 3, (enc_est, enc_naive)
     assert dec_est < DEC_EST_TOL and dec_est < dec_naive / 1.8, (dec_est, dec_naive)
+
+
+def test_probe_coverage_is_set_by_the_image_not_the_tile_batch(vae, structured):
+    """tile_batch only decides how many tiles run at once: the probes (and so the statistics and the
+    output) are the same at tile_batch 1 and 4 (before, one batch of probes at tile_batch=1 measured
+    31 dB on the full-size VAE). float32 is enough: other probes would move the output by about the
+    estimate's error (mean 0.08 from exact here), while float32 kernels chosen per batch size measured a
+    max difference of 3.5e-5."""
+    z = structured[:, :, :320:8, :448:8].mean(1, keepdim=True).expand(1, 4, 40, 56).contiguous()
+    tiles = tile_grid(40, 56, 12, 8)
+    assert len(tiles) == 8
+    with torch.no_grad():
+        one, four = (decode_tiled(vae, z, tile_latent=12, pad_latent=8, tile_batch=b, norm_stats="estimated")
+                     for b in (1, 4))
+    assert torch.allclose(one, four, rtol=0, atol=1e-3)
 
 
 def test_estimated_statistics_are_per_image(vae):
@@ -201,48 +216,50 @@ def test_estimated_decode_memory_does_not_grow_with_the_image(vae):
     of the exact run covers what it actually used."""
     in_use = _heap_in_use()
     gen = torch.Generator().manual_seed(0)
-    small, large = torch.randn(1, 4, 48, 48, generator=gen), torch.randn(1, 4, 96, 96, generator=gen)
-    options = dict(tile_latent=16, pad_latent=4, tile_batch=4)
+    small, large = torch.randn(1, 4, 32, 32, generator=gen), torch.randn(1, 4, 64, 64, generator=gen)
+    options = dict(tile_latent=8, pad_latent=2, tile_batch=4)  # 4x4 / 8x8 tiles: full batches in both
+    # (measured peaks: exact 30 -> 107 MB, estimated 11.6 -> 10.7 MB)
     peaks = {(mode, z.shape[-1]): _peak_while(vae, in_use, lambda z=z, mode=mode: decode_tiled(
         vae, z, norm_stats=mode, **options)) for mode in ("exact", "estimated") for z in (small, large)}
-    assert peaks["exact", 96] > 2.5 * peaks["exact", 48], peaks
-    assert peaks["estimated", 96] < 1.15 * peaks["estimated", 48], peaks
-    assert peaks["estimated", 96] < peaks["exact", 96] / 4, peaks
-    planned = exact_memory_bytes(vae.decoder, True, tile_grid(96, 96, 16, 4), 1, 4, torch.float32)
-    assert peaks["exact", 96] <= planned, (peaks, planned)
+    assert peaks["exact", 64] > 2.5 * peaks["exact", 32], peaks
+    assert peaks["estimated", 64] < 1.15 * peaks["estimated", 32], peaks
+    assert peaks["estimated", 64] < peaks["exact", 64] / 4, peaks
+    planned = exact_memory_bytes(vae.decoder, True, tile_grid(64, 64, 8, 2), 1, 4, torch.float32)
+    assert peaks["exact", 64] <= planned, (peaks, planned)
 
 
 def test_estimated_encode_memory_does_not_grow_with_the_image(vae):
     in_use = _heap_in_use()
     gen = torch.Generator().manual_seed(0)
-    small = torch.rand(1, 3, 384, 384, generator=gen) * 2 - 1
-    large = torch.rand(1, 3, 768, 768, generator=gen) * 2 - 1
-    options = dict(tile_px=128, pad_px=32, tile_batch=4)
+    small = torch.rand(1, 3, 256, 256, generator=gen) * 2 - 1
+    large = torch.rand(1, 3, 512, 512, generator=gen) * 2 - 1
+    options = dict(tile_px=64, pad_px=16, tile_batch=4)  # 4x4 / 8x8 tiles
+    # (measured peaks: exact 20 -> 78 MB, estimated 12.5 -> 7.5 MB)
     peaks = {(mode, x.shape[-1]): _peak_while(vae, in_use, lambda x=x, mode=mode: encode_tiled(
         vae, x, norm_stats=mode, **options)) for mode in ("exact", "estimated") for x in (small, large)}
-    assert peaks["exact", 768] > 2.5 * peaks["exact", 384], peaks
-    assert peaks["estimated", 768] < 1.15 * peaks["estimated", 384], peaks
-    planned = exact_memory_bytes(vae.encoder, False, tile_grid(768, 768, 128, 32, 8), 1, 4, torch.float32)
-    assert peaks["exact", 768] <= planned, (peaks, planned)
+    assert peaks["exact", 512] > 2.5 * peaks["exact", 256], peaks
+    assert peaks["estimated", 512] < 1.15 * peaks["estimated", 256], peaks
+    planned = exact_memory_bytes(vae.encoder, False, tile_grid(512, 512, 64, 16, 8), 1, 4, torch.float32)
+    assert peaks["exact", 512] <= planned, (peaks, planned)
 
 
 # 5. auto: the choice, the out-of-memory fallback, progress and interrupts -----------------------------
 
 
-def test_auto_is_exact_when_it_fits_and_estimated_when_it_does_not(vae, structured):
+def test_auto_is_untiled_when_it_fits_and_estimated_when_it_does_not(vae, structured):
     options = dict(tile_px=96, pad_px=32)
     with torch.no_grad():
-        exact = encode_tiled(vae, structured, norm_stats="exact", **options)
+        untiled = vae.encode(structured).latent_dist.parameters
         estimated = encode_tiled(vae, structured, norm_stats="estimated", **options)
         roomy = encode_tiled(vae, structured, memory_budget=2**40, **options)
         tight = encode_tiled(vae, structured, memory_budget=2**20, **options)
-    assert not torch.equal(exact, estimated)
-    assert torch.equal(roomy, exact) and torch.equal(tight, estimated)
+    assert (roomy - untiled).abs().max() <= 1e-5 * untiled.abs().max()
+    assert torch.equal(tight, estimated)
 
 
 def test_auto_retries_with_estimated_statistics_after_out_of_memory(vae, monkeypatch, caplog):
     z = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(5))
-    options = dict(tile_latent=16, pad_latent=4, tile_batch=1)  # 3 tiles: more than one batch
+    options = dict(tile_latent=12, pad_latent=4, tile_batch=1)  # 6 tiles: more than one batch
     with torch.no_grad():
         estimated = decode_tiled(vae, z, norm_stats="estimated", **options)
 
@@ -259,12 +276,15 @@ def test_auto_retries_with_estimated_statistics_after_out_of_memory(vae, monkeyp
 
 
 def test_estimated_runs_exact_when_all_tiles_fit_in_one_batch(vae):
-    """Streaming would hold one batch of every tile anyway: the exact statistics cost nothing more."""
+    """Streaming would hold tile_batch windows anyway (and the probe pass up to PROBE_MAX_WINDOWS): the
+    exact statistics cost nothing more."""
+    assert tiled_vae.PROBE_MAX_WINDOWS < 6
     z = torch.randn(1, 4, 24, 40, generator=torch.Generator().manual_seed(7))
+    options = dict(tile_latent=12, pad_latent=4)  # 6 tiles
     with torch.no_grad():
-        exact = decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=3, norm_stats="exact")
-        one_batch = decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=3, norm_stats="estimated")
-        streamed = decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=2, norm_stats="estimated")
+        exact = decode_tiled(vae, z, tile_batch=6, norm_stats="exact", **options)
+        one_batch = decode_tiled(vae, z, tile_batch=6, norm_stats="estimated", **options)
+        streamed = decode_tiled(vae, z, tile_batch=2, norm_stats="estimated", **options)
     assert torch.equal(one_batch, exact) and not torch.equal(streamed, exact)
 
 
@@ -275,10 +295,10 @@ def test_unknown_mode_is_refused(vae):
 
 def test_streamed_progress_and_interrupt(vae):
     z = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(6))
-    total = 2 * len(tile_grid(24, 40, 16, 4))
+    total = 2 * len(tile_grid(24, 40, 12, 4))
     calls = []
     with torch.no_grad():
-        decode_tiled(vae, z, tile_latent=16, pad_latent=4, tile_batch=2, norm_stats="estimated",
+        decode_tiled(vae, z, tile_latent=12, pad_latent=4, tile_batch=2, norm_stats="estimated",
                      progress=lambda done, of: calls.append((done, of)))
     assert calls[-1] == (total, total) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert len(calls) == total // 2  # one report per finished batch
@@ -294,4 +314,4 @@ def test_streamed_progress_and_interrupt(vae):
             raise Interrupted
 
     with pytest.raises(Interrupted), torch.no_grad():
-        decode_tiled(vae, z, tile_latent=16, pad_latent=4, norm_stats="estimated", check_interrupt=check)
+        decode_tiled(vae, z, tile_latent=12, pad_latent=4, norm_stats="estimated", check_interrupt=check)
