@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from process_memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SIZES = {"x4 512->2048": 2048, "x4 256->1024": 1024, "one 512 tile": 512}
@@ -149,14 +150,6 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_variant(args) -> dict:
     dtype = getattr(torch, args.dtype)
     vae, unet = build_models(args.device, dtype, args.unet)
@@ -191,7 +184,7 @@ def run_variant(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.repeat
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes() - loaded
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - loaded
     return {"ms": 1000 * seconds, "peak_bytes": peak, "shape": list(out.shape)}
 
 

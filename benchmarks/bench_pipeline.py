@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from process_memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -93,14 +94,6 @@ def _reset_peak_rss() -> None:
         handle.write("5")
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_variant(args) -> dict:
     from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings
 
@@ -126,7 +119,7 @@ def run_variant(args) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
-            else _peak_rss_bytes() - loaded)
+            else peak_rss_bytes() - loaded)
     return {"seconds": seconds, "peak_bytes": peak, "shape": list(out.shape)}
 
 
