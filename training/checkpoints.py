@@ -24,8 +24,10 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"{PREFIX}{step:08d}"
 
 
-def write_checkpoint(output_dir: Path, step: int, method: str, published: dict[str, Any],
-                     state: dict[str, Any], keep: int) -> Path:
+def write_checkpoint(output_dir: Path, step: int, published_file: str, export_method: str,
+                     published: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
+    """`published_file` is the official name (osediff.pkl, s3diff.pkl, hero_sr_model.pkl, HF-Diff.pth);
+    the safetensors export sits beside it under the same stem."""
     final = checkpoint_dir(output_dir, step)
     if final.exists():
         return final
@@ -33,8 +35,8 @@ def write_checkpoint(output_dir: Path, step: int, method: str, published: dict[s
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
-    torch.save(published, temporary / f"{method}.pkl")
-    write_safetensors_export(published, temporary / f"{method}.safetensors", method)
+    torch.save(published, temporary / published_file)
+    write_safetensors_export(published, temporary / f"{Path(published_file).stem}.safetensors", export_method)
     torch.save(state, temporary / STATE_FILE)
     os.replace(temporary, final)
     _prune(output_dir, keep)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,7 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_SECTION_NAMES = {str(t): name for name, t in _SECTIONS.items()}
 
 
 def _check_value(where: str, spec: dataclasses.Field, value: Any) -> Any:
@@ -202,10 +204,9 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
 
 
 def _resolve(type_name: Any) -> Any:
+    """The section class of a TrainConfig field (annotations are strings under `from __future__`)."""
     if isinstance(type_name, str):
-        return {"DataConfig": DataConfig, "DegradationConfig": DegradationConfig, "ModelConfig": ModelConfig,
-                "LossConfig": LossConfig, "OptimConfig": OptimConfig, "TrainLoopConfig": TrainLoopConfig}.get(
-                    type_name, type_name)
+        return typing.get_type_hints(TrainConfig).get(_SECTION_NAMES.get(type_name, ""), type_name)
     return type_name
 
 
