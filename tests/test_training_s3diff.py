@@ -5,7 +5,6 @@ through the inference pipeline, the CLI and the loader node."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
@@ -16,7 +15,6 @@ pytest.importorskip("kornia")
 pytest.importorskip("accelerate")
 pytest.importorskip("yaml")
 
-from onestep_sr.models.degradation_estimator import load_degradation_estimator  # noqa: E402
 from onestep_sr.training.config import config_from_dict  # noqa: E402
 from onestep_sr.training.losses.dino_discriminator import DinoViT  # noqa: E402
 from onestep_sr.training.osediff import StepRandom  # noqa: E402
@@ -93,3 +91,235 @@ def _flat_keys(data, prefix=()):
         elif isinstance(value, torch.Tensor) and key != "w":
             keys.add((*prefix, key))
     return keys
+
+
+def _recipe(tmp_path, tiny_base_dir, features, **overrides):
+    tf.write_images(tmp_path / "imgs", 2)
+    config = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs", **overrides)
+    return build_recipe(config, torch.device("cpu"))
+
+
+def _randomise_lora_up(model, seed=1):
+    """B = 0 at init makes A's and the MLPs' gradients exactly zero; a small random B shows every path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in generator_parameters(model):
+            if name.endswith("lora_up.weight"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
+            if "fuse_mlp" in name and name.endswith("weight"):
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
+
+
+def _images(count=2, size=64, seed=0):
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_published_layout_equals_peft_s3diff_layout(tmp_path, tiny_base, tiny_base_dir, features):
+    """Our checkpoint's keys and shapes equal those of the file S3Diff.save_model writes from real peft
+    adapters with the official target list and regex (tests/synthetic_s3diff.py), and it loads."""
+    from onestep_sr.models.s3diff_weights import parse_s3diff
+
+    recipe = _recipe(tmp_path, tiny_base_dir, features)
+    ours = s3diff_checkpoint(recipe.model)
+    theirs = synthetic_s3diff.make_s3diff_checkpoint(tiny_base, rank_unet=4, rank_vae=4).data
+
+    def shapes(data):
+        out = {}
+        for path in _flat_keys(data):
+            value = data
+            for step in path:
+                value = value[step]
+            out[path] = tuple(value.shape)
+        return out
+
+    assert shapes(ours) == shapes(theirs)
+    assert set(ours) == set(theirs)
+    assert isinstance(ours["w"], torch.nn.Parameter) and ours["w"].shape == (64,)
+    assert (ours["unet_lora_target_modules"], ours["vae_lora_target_modules"]) == (
+        theirs["unet_lora_target_modules"], theirs["vae_lora_target_modules"])
+    parse_s3diff(ours)  # the inference reader accepts it
+
+
+def test_exactly_the_published_parameters_train_and_the_base_stays(tmp_path, tiny_base_dir, features):
+    recipe = _recipe(tmp_path, tiny_base_dir, features)
+    model = recipe.model
+    _randomise_lora_up(model)
+    trainable = dict(generator_parameters(model))
+    published = _flat_keys(s3diff_checkpoint(model))
+    assert {published_key(n) for n in trainable} == published and len(trainable) == len(published)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable
+              and not n.startswith("discriminator.heads.")}
+    frozen.update({f"text.{n}": p.detach().clone() for n, p in recipe.prompts.text_encoder.named_parameters()})
+    assert any(n.startswith("discriminator.backbone.") for n in frozen) and any(n.startswith("de_net.") for n in frozen)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+
+    # 128 px: the mid block's self-attention sees 2 x 2 tokens (one token would give q and k zero gradient)
+    parts = recipe.micro_step(model, model, _inputs(recipe, _images(size=128)))
+    rec = next(parts)
+    rec.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == set(trainable), sorted(set(trainable) ^ with_grad)[:5]
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-3)
+    optimizer.step()
+    assert all(not torch.equal(before[n], p) for n, p in trainable.items())
+    for name, param in [*model.named_parameters(), *(("text." + n, p) for n, p in
+                                                     recipe.prompts.text_encoder.named_parameters())]:
+        if name in frozen:
+            assert torch.equal(frozen[name], param), name
+
+
+def test_discriminator_is_kept_out_of_the_generator_loss_and_updates_alternate(tmp_path, tiny_base_dir, features):
+    """Run the micro step as the loop does (backward, then that phase's optimiser steps): each
+    generator part moves only generator weights and leaves the discriminator without gradient; each
+    discriminator part moves only the discriminator's heads."""
+    recipe = _recipe(tmp_path, tiny_base_dir, features)
+    model = recipe.model
+    _randomise_lora_up(model)
+    groups = {p.name: dict(p.parameters) for p in recipe.phases}
+    assert list(groups) == ["generator", "discriminator"]
+    assert set(groups["discriminator"]) == {n for n, _ in discriminator_parameters(model)}
+    assert groups["discriminator"] and all(n.startswith("discriminator.heads.") for n in groups["discriminator"])
+    optimizers = {name: torch.optim.AdamW(list(params.values()), lr=1e-3) for name, params in groups.items()}
+    order = []
+    for part in recipe.micro_step(model, model, _inputs(recipe, _images())):
+        snapshot = {name: {n: p.detach().clone() for n, p in params.items()} for name, params in groups.items()}
+        part.loss.backward()
+        other = "discriminator" if part.phase == "generator" else "generator"
+        assert all(p.grad is None for p in groups[other].values()), (part.phase, list(part.logs))
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[part.phase].values())
+        optimizers[part.phase].step()
+        optimizers[part.phase].zero_grad(set_to_none=True)
+        assert all(torch.equal(snapshot[other][n], p) for n, p in groups[other].items())
+        assert any(not torch.equal(snapshot[part.phase][n], p) for n, p in groups[part.phase].items())
+        order.append((part.phase, next(k for k in ("rec", "gan_g", "d_real", "d_fake") if k in part.logs)))
+    assert order == [("generator", "rec"), ("generator", "gan_g"), ("discriminator", "d_real"),
+                     ("discriminator", "d_fake")]
+
+
+def test_online_negative_samples(tmp_path, tiny_base_dir, features):
+    """p = 1: every sample gets the negative prompt and its own degraded input as the target (checked
+    against the loss computed by hand); the per-sample draw has the configured rate and is seeded."""
+    import torch.nn.functional as F
+
+    recipe = _recipe(tmp_path, tiny_base_dir, features, loss__negative_sample_prob=1.0, loss__gan=0.0)
+    model = recipe.model.eval()
+    inputs = _inputs(recipe, _images())
+    parts = list(recipe.micro_step(model, model, inputs))
+    assert [p.phase for p in parts] == ["generator"]  # no GAN weight: no adversarial or D parts
+    logs = parts[0].logs
+    assert float(logs["negative"]) == 1.0
+    random = StepRandom.make(inputs.seed, inputs.micro_step, [0, 1])
+    from onestep_sr.training.s3diff import RECON_NOISE
+
+    with torch.no_grad():
+        noise = model._latent_noise(inputs.lq, random.stream(RECON_NOISE))
+        scores = model.degradation_scores(inputs.extras["lr"])
+        image = model.generate(inputs.lq, recipe.negative.expand(2, -1, -1), scores, noise)
+        mse = F.mse_loss(image, inputs.lq) * 2
+        lpips = model.lpips(image, inputs.lq).mean() * 5
+    torch.testing.assert_close(logs["mse"].detach(), mse)
+    torch.testing.assert_close(logs["lpips"].detach(), lpips)
+
+    ids = list(range(4000))
+    rate = float(negative_mask(StepRandom.make(3, 7, ids), 0.05, torch.device("cpu")).float().mean())
+    assert 0.04 < rate < 0.06, rate
+    assert torch.equal(negative_mask(StepRandom.make(3, 7, ids[:8]), 0.5, torch.device("cpu")),
+                       negative_mask(StepRandom.make(3, 7, ids), 0.5, torch.device("cpu"))[:8])
+    assert not negative_mask(StepRandom.make(3, 7, ids), 0.0, torch.device("cpu")).any()
+
+
+def test_gt_as_input_reaches_the_generator(tmp_path, tiny_base_dir, features):
+    """degradation.no_degradation_prob = 1 (S3Diff's p = 0.01, forced): the generator's input is the GT
+    while de_net still gets an LR; the config value overrides the preset, and empty keeps the preset's."""
+    from onestep_sr.training.degradations import RealESRGANDegrader
+    from onestep_sr.training.trainer import _prepare_inputs, degradation_params
+
+    tf.write_images(tmp_path / "imgs", 2)
+    config = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs", degradation__no_degradation_prob=1.0)
+    params = degradation_params(config)
+    assert params.no_degradation_prob == 1.0 and params.resize_back == "bicubic"
+    default = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs")
+    assert degradation_params(default).no_degradation_prob == 0.01
+    gt = _images()
+    lq, gt_out, lr = _prepare_inputs({"gt": gt}, config, RealESRGANDegrader(params), 0, 0, torch.device("cpu"))
+    assert torch.equal(lq, gt_out) and lr.shape == (2, 3, 16, 16)
+    result = train(config, progress=False)
+    assert result.step == 3 and all(np.isfinite(list(h.values())).all() for h in result.history)
+
+
+def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
+    """2 MSE + 5 LPIPS falls on one reachable image with the GAN term on (LPIPS x5 dominates; MSE may
+    trade off against it); the discriminator (target 0.8 for the fixed GT, 0 for the output) learns:
+    its summed loss falls too. The published init is slow to start (B = 0 and M ~ 1e-5: LoRA grows
+    only as Adam moves both), hence 32 steps."""
+    from test_training_osediff import _reachable_pair
+
+    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    config = _config(tmp_path, base, features, hr, train__max_steps=32, train__batch_size=1, optim__lr=1e-3,
+                     loss__negative_sample_prob=0.0)
+    config.data.train_lr, config.data.flip = str(lr), False
+    history = train(config, progress=False).history
+    first = {k: float(np.mean([h[k] for h in history[:4]])) for k in history[0]}
+    last = {k: float(np.mean([h[k] for h in history[-4:]])) for k in history[0]}
+    print("first", first, "last", last)
+    assert last["rec"] < 0.95 * first["rec"], (first, last)
+    assert last["d_real"] + last["d_fake"] < first["d_real"] + first["d_fake"], (first, last)
+
+
+def test_checkpoint_round_trip_pipeline_cli_and_node(tmp_path, tiny_base, tiny_base_dir, features, monkeypatch):
+    """Fine-tune from a published-layout s3diff.pkl (random LoRA and MLPs: M far from 0), save, and
+    run the saved file through the inference pipeline (guidance 1: the trainer's single pass), the
+    CLI and the loader node. The trainer's own forward on the same input matches to < 1e-5."""
+    from onestep_sr.cli import main as cli_main
+    from onestep_sr.models.base_models import load_base
+    from onestep_sr.pipelines.model import load_onestep_model
+    from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings, upscale_input
+
+    synthetic_s3diff.write_s3diff_pkl(tiny_base, tmp_path / "published.pkl", **RANKS)
+    images = tf.write_images(tmp_path / "imgs", 2)
+    config = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs", train__max_steps=2, optim__lr=1e-4,
+                     model__init_weights=str(tmp_path / "published.pkl"))
+    folder = train(config, progress=False).checkpoint
+    for name in ("s3diff.pkl", "s3diff.safetensors", "de_net.pth"):
+        assert (folder / name).is_file(), name
+
+    recipe = build_recipe(config, torch.device("cpu"))
+    recipe.load_state(torch.load(folder / "training_state.pt", weights_only=False)["trainable"], folder)
+    model = recipe.model.eval()
+    lr_image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(5))
+    method = load_onestep_model(load_base(tiny_base_dir), folder / "s3diff.pkl").method
+    x = upscale_input(method, lr_image, 4.0, torch.device("cpu"))
+    embeds = recipe.prompts([S3DIFF_POSITIVE])
+    with torch.no_grad():
+        scores = model.degradation_scores(lr_image.permute(0, 3, 1, 2))
+        ours = (model.generate(x * 2 - 1, embeds, scores) + 1) / 2
+        other = (model.generate(x * 2 - 1, embeds, 1 - scores) + 1) / 2
+    assert float((ours - other).abs().max()) > 1e-3  # the modulation matters at this size of weights
+    for weights in ("s3diff.pkl", "s3diff.safetensors"):
+        loaded = load_onestep_model(load_base(tiny_base_dir), folder / weights)
+        out = OneStepPipeline(loaded)(lr_image, UpscaleSettings(scale=4.0, color_fix="none", guidance=1.0,
+                                                                output_size="native"))
+        diff = float((out.permute(0, 3, 1, 2) - ours).abs().max())
+        print(f"trainer forward vs pipeline ({weights}): max |difference| {diff:.2e}")
+        assert diff < 1e-5, (weights, diff)
+
+    source = tmp_path / "lr.png"
+    shutil.copy(images[0], source)
+    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base_dir),
+                     "--weights", str(folder / "s3diff.pkl"), "--dtype", "fp32", "--device", "cpu"])
+    assert code == 0 and (tmp_path / "out.png").is_file()
+
+    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
+
+    import fake_comfy
+    import tinymodels
+
+    tokenizer = tmp_path / "comfy" / "tok"
+    tinymodels.write_tiny_tokenizer(tokenizer)
+    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
+    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
+    for name in ("s3diff.pkl", "de_net.pth"):
+        shutil.copy(folder / name, comfy.models_dir / "onestep_sr" / name)
+    shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
+    (handle,) = OneStepSRLoader().load("s3diff.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
+    assert handle.model.method.name == "s3diff" and handle.model.degradation_estimator is not None
