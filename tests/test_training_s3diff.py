@@ -323,3 +323,82 @@ def test_checkpoint_round_trip_pipeline_cli_and_node(tmp_path, tiny_base, tiny_b
     shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
     (handle,) = OneStepSRLoader().load("s3diff.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
     assert handle.model.method.name == "s3diff" and handle.model.degradation_estimator is not None
+
+
+def test_shipped_config_matches_the_published_setup():
+    """training/configs/s3diff.yaml against METHODS.md section 2 and the inference method's prompts."""
+    from pathlib import Path
+
+    import onestep_sr.training as package
+    from onestep_sr.pipelines.methods import S3DIFF
+    from onestep_sr.training.config import load_config
+    from onestep_sr.training.trainer import degradation_params
+
+    c = load_config(Path(package.__file__).parent / "configs" / "s3diff.yaml")
+    assert c.method == "s3diff"
+    assert (c.loss.mse, c.loss.lpips, c.loss.gan, c.loss.vsd, c.loss.negative_sample_prob) == (2, 5, 0.5, 0, 0.05)
+    assert (c.loss.positive_prompt, c.loss.negative_prompt) == (S3DIFF.prompt, S3DIFF.negative_prompt)
+    assert (c.optim.lr, c.optim.lr_fake, c.optim.weight_decay, c.optim.grad_clip, c.optim.scheduler) == (
+        2e-5, 2e-5, 1e-2, 1.0, "constant")
+    assert (c.train.batch_size, c.train.gradient_accumulation, c.train.max_steps, c.train.mixed_precision) == (
+        4, 4, 50000, "no")
+    assert (c.model.rank_unet, c.model.rank_vae, c.data.crop, c.data.scale) == (32, 16, 512, 4)
+    params = degradation_params(c)
+    assert (params.name, params.no_degradation_prob, params.resize_back) == ("s3diff", 0.01, "bicubic")
+
+
+class _FakeTagger:
+    """Stands in for the CLIP scorer: 'bright' or 'dark' by the whole image's mean, and counts calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def top_tags(self, images, top_k, threshold):
+        from types import SimpleNamespace
+
+        self.calls += images.shape[0]
+        return [[SimpleNamespace(tag="bright" if float(i.mean()) > 0.5 else "dark"), SimpleNamespace(tag="photo")]
+                for i in images]
+
+
+def test_clip_tag_prompts_are_cached_per_image(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from onestep_sr.training.prompts import ClipTagPrompts
+
+    paths = [str(p) for p in tf.write_images(tmp_path / "imgs", 3)]
+    expected = []
+    for path in paths:
+        with Image.open(path) as image:
+            mean = np.asarray(image, dtype=np.float64).mean() / 255
+        expected.append(("bright" if mean > 0.5 else "dark") + ", photo")
+    scorer = _FakeTagger()
+    tags = ClipTagPrompts("unused", torch.device("cpu"), tmp_path / "clip_tags.json", scorer=scorer)
+    assert tags(paths) == expected and scorer.calls == 3
+    assert tags(paths[::-1]) == expected[::-1] and scorer.calls == 3  # memory cache
+    again = ClipTagPrompts("unused", torch.device("cpu"), tmp_path / "clip_tags.json", scorer=_FakeTagger())
+    assert again(paths) == expected and again.scorer.calls == 0  # disk cache
+    stat = os.stat(paths[0])
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edited image is tagged again
+    assert again(paths[:1]) == expected[:1] and again.scorer.calls == 1
+
+
+def test_clip_tags_reach_the_prompts_of_a_run(tmp_path, tiny_base_dir, features, monkeypatch):
+    import onestep_sr.models.clip_tags as clip_tags
+    from onestep_sr.training import prompts as prompts_module
+
+    scorer = _FakeTagger()
+    monkeypatch.setattr(clip_tags, "transformers_clip_encoders",
+                        lambda folder, device=None: type("E", (), {"scorer": lambda self: scorer})())
+    seen = []
+    original = prompts_module.PromptEncoder.__call__
+    monkeypatch.setattr(prompts_module.PromptEncoder, "__call__", lambda self, p: seen.extend(p) or original(self, p))
+    tf.write_images(tmp_path / "imgs", 2)
+    config = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs", train__max_steps=1, loss__gan=0.0,
+                     data__prompts="clip_tags", data__clip_tagger=str(tmp_path / "clip"))
+    train(config, progress=False)
+    assert scorer.calls == 2 and (tmp_path / "run" / "clip_tags.json").is_file()
+    tagged = [p for p in seen if p.endswith(S3DIFF_POSITIVE) and p != S3DIFF_POSITIVE]
+    assert len(tagged) == 2 and all(p.split(", ")[0] in ("bright", "dark") for p in tagged), seen
