@@ -402,3 +402,62 @@ def test_clip_tags_reach_the_prompts_of_a_run(tmp_path, tiny_base_dir, features,
     assert scorer.calls == 2 and (tmp_path / "run" / "clip_tags.json").is_file()
     tagged = [p for p in seen if p.endswith(S3DIFF_POSITIVE) and p != S3DIFF_POSITIVE]
     assert len(tagged) == 2 and all(p.split(", ")[0] in ("bright", "dark") for p in tagged), seen
+
+
+def _saved_bytes(fn, exclude):
+    """Bytes autograd saves for backward while fn runs (parameters excluded; views counted once)."""
+    seen = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(t) not in exclude and id(base) not in exclude:
+            seen[id(base)] = base.numel() * base.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_gradient_checkpointing_same_gradients_fewer_saved_activations(tmp_path, tiny_base_dir, features):
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        recipe = _recipe(tmp_path / str(checkpointing), tiny_base_dir, features,
+                         model__gradient_checkpointing=checkpointing, loss__gan=0.0)
+        model = recipe.model.train()
+        _randomise_lora_up(model)
+        exclude = {id(t) for t in [*model.parameters(), *model.buffers()]}
+        inputs = _inputs(recipe, _images())
+        parts = recipe.micro_step(model, model, inputs)
+        size, part = _saved_bytes(lambda parts=parts: next(parts), exclude)
+        part.loss.backward()
+        saved.append(size)
+        grads.append({n: p.grad.clone() for n, p in generator_parameters(model)})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert saved[1] < 0.7 * saved[0], saved
+
+
+def test_trainable_parameters_on_sd_turbo_are_the_published_34_5_million():
+    """SD-Turbo sized on meta tensors: UNet rank 32 + VAE-encoder rank 16 LoRA, conv_in, MLPs and tables =
+    34.5 M parameters (METHODS.md section 2: 34.5 M trainable, the 138 MB fp32 s3diff.pkl)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from onestep_sr.models.base_models import load_config
+    from onestep_sr.training.s3diff import (
+        S3DiffTrainModel,
+        add_s3diff_lora,
+        new_modulator,
+        set_s3diff_trainable,
+    )
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**load_config("sd_turbo", "unet"))
+        vae = AutoencoderKL(**load_config("sd_turbo", "vae"))
+    add_s3diff_lora(unet, vae, 32, 16, seed=0)
+    modulator = new_modulator(32, 16, seed=0)
+    set_s3diff_trainable(unet, vae, modulator)
+    model = S3DiffTrainModel(unet, vae, modulator, None, None, None, {})
+    count = sum(p.numel() for _, p in generator_parameters(model))
+    assert 34.4e6 < count < 34.6e6, count
+    assert 137e6 < 4 * (count + 64) < 139e6  # + w: the fp32 pkl's tensor bytes

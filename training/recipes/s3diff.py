@@ -61,8 +61,9 @@ class S3DiffRecipe(Recipe):
         add_s3diff_lora(unet, vae, rank_unet, rank_vae, seed=config.seed)
         modulator = new_modulator(rank_unet, rank_vae, seed=config.seed + 1)
         set_s3diff_trainable(unet, vae, modulator)
-        if config.model.gradient_checkpointing:
+        if config.model.gradient_checkpointing:  # the VAE's 512 px activations outweigh the UNet's
             unet.enable_gradient_checkpointing()
+            vae.enable_gradient_checkpointing()
         weights = {"mse": config.loss.mse, "lpips": config.loss.lpips, "gan": config.loss.gan}
         self.model = S3DiffTrainModel(unet, vae, modulator, de_net, lpips, discriminator, weights)
         if config.model.init_weights:
