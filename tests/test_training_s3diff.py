@@ -461,3 +461,21 @@ def test_trainable_parameters_on_sd_turbo_are_the_published_34_5_million():
     count = sum(p.numel() for _, p in generator_parameters(model))
     assert 34.4e6 < count < 34.6e6, count
     assert 137e6 < 4 * (count + 64) < 139e6  # + w: the fp32 pkl's tensor bytes
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_base_dir, features):
+    """Both optimisers, the discriminator's spectral-norm vectors and every per-sample draw resume."""
+    tf.write_images(tmp_path / "imgs", 3)
+
+    def config(folder, steps):
+        return _config(tmp_path / folder, tiny_base_dir, features, tmp_path / "imgs", train__max_steps=steps,
+                       loss__negative_sample_prob=0.5)
+
+    full = train(config("a", 4), progress=False)
+    first = train(config("b", 2), progress=False)
+    resumed = train(config("b", 4), resume=first.checkpoint, progress=False)
+    combined = first.history + resumed.history
+    assert len(combined) == 4 and any(h["negative"] > 0 for h in combined)
+    for a, b in zip(full.history, combined, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

@@ -207,6 +207,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
     if resume_state is not None:
         try:
             recipe.load_state(resume_state["trainable"], folder)
+            recipe.load_extra_state(resume_state.get("recipe", {}))
         except RecipeError as error:
             raise TrainingError(str(error)) from None
         for name in optimizers:
@@ -338,6 +339,7 @@ def _save(accelerator, recipe, unwrapped, config: TrainConfig, step: int, optimi
         "config": config.to_dict(),
         "method": recipe.method,
         "trainable": {n: p.detach().cpu().clone() for phase in recipe.phases for n, p in phase.parameters},
+        "recipe": recipe.extra_state(),
         "optimizers": {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()},
         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

@@ -51,6 +51,7 @@ class S3DiffRecipe(Recipe):
         base = load_base(config.model.base, config.model.tokenizer)
         self.prompts = PromptEncoder(base.text_encoder.to(device).float(), base.tokenizer, device)
         lpips = load_lpips(config, device)
+        torch.manual_seed(config.seed)  # the discriminator heads' init and spectral-norm vectors draw from it
         discriminator = None
         if config.loss.gan:
             from ..losses.dino_discriminator import DinoDiscriminator
@@ -87,6 +88,20 @@ class S3DiffRecipe(Recipe):
             load_published(self.model, data, Path(path).name)
         except WeightsFileError as error:
             raise RecipeError(str(error)) from None
+
+    def extra_state(self) -> dict:
+        """The discriminator's buffers: spectral norm's power-iteration vectors change every training forward."""
+        disc = self.model.discriminator
+        if disc is None:
+            return {}
+        return {"discriminator_buffers": {n: b.detach().cpu().clone() for n, b in disc.heads.named_buffers()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        buffers = state.get("discriminator_buffers")
+        if buffers and self.model.discriminator is not None:
+            with torch.no_grad():
+                for name, buffer in self.model.discriminator.heads.named_buffers():
+                    buffer.copy_(buffers[name])
 
     @property
     def extra_files(self) -> dict[str, Path]:
