@@ -277,11 +277,17 @@ def test_checkpoint_round_trip_pipeline_cli_and_node(tmp_path, tiny_base, tiny_b
 
     synthetic_s3diff.write_s3diff_pkl(tiny_base, tmp_path / "published.pkl", **RANKS)
     images = tf.write_images(tmp_path / "imgs", 2)
+    tf.write_images(tmp_path / "val", 1, (64, 64), seed=9)
     config = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs", train__max_steps=2, optim__lr=1e-4,
-                     model__init_weights=str(tmp_path / "published.pkl"))
+                     model__init_weights=str(tmp_path / "published.pkl"), train__validate_every=2,
+                     data__validation=str(tmp_path / "val"))
     folder = train(config, progress=False).checkpoint
     for name in ("s3diff.pkl", "s3diff.safetensors", "de_net.pth"):
         assert (folder / name).is_file(), name
+    # validation ran through the inference pipeline (de_net, CFG 1.07) on the saved weights
+    assert (tmp_path / "run" / "validation" / "step-00000002" / "img000.png").is_file()
+    rows = (tmp_path / "run" / "validation.csv").read_text().splitlines()
+    assert rows[0] == "step,val_psnr,val_lpips" and 0 < float(rows[1].split(",")[1]) < 60
 
     recipe = build_recipe(config, torch.device("cpu"))
     recipe.load_state(torch.load(folder / "training_state.pt", weights_only=False)["trainable"], folder)
