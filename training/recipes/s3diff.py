@@ -8,6 +8,7 @@ micro step, as the official loop steps each optimiser twice), and the published 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from ..config import TrainConfig
 from ..prompts import PromptEncoder
 from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 from .osediff import load_lpips
+
+log = logging.getLogger("onestep_sr.training")
 
 
 class S3DiffRecipe(Recipe):
@@ -48,6 +51,9 @@ class S3DiffRecipe(Recipe):
         except WeightsFileError as error:
             raise RecipeError(str(error)) from None
         self.de_net_path = Path(config.model.de_net)
+        if "turbo" not in Path(config.model.base).name.lower():
+            log.warning("S3Diff is trained from SD-Turbo; the base %s does not look like SD-Turbo (same architecture, "
+                        "so it runs, but the published setup starts from sd-turbo)", Path(config.model.base).name)
         base = load_base(config.model.base, config.model.tokenizer)
         self.prompts = PromptEncoder(base.text_encoder.to(device).float(), base.tokenizer, device)
         lpips = load_lpips(config, device)
