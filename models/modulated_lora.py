@@ -214,8 +214,11 @@ def _context_of(model: nn.Module) -> ModulationContext:
     return context
 
 
-def set_modulation(model: nn.Module, matrices: torch.Tensor) -> None:
-    """Set the (B, n_blocks, r, r) matrices every modulated layer of `model` uses from now on."""
+def set_modulation(model: nn.Module, matrices: torch.Tensor, keep_graph: bool = False) -> None:
+    """Set the (B, n_blocks, r, r) matrices every modulated layer of `model` uses from now on.
+
+    Inference detaches them; training passes keep_graph=True so the loss reaches the MLPs that made them.
+    """
     context = _context_of(model)
     if matrices.dim() != 4 or matrices.shape[2:] != (context.rank, context.rank):
         raise ValueError(
@@ -224,7 +227,7 @@ def set_modulation(model: nn.Module, matrices: torch.Tensor) -> None:
         )
     if matrices.shape[1] <= context.max_block:
         raise ValueError(f"modulation has {matrices.shape[1]} blocks but the layers use block {context.max_block}")
-    context.set(matrices.detach())
+    context.set(matrices if keep_graph else matrices.detach())
 
 
 def clear_modulation(model: nn.Module) -> None:

@@ -25,9 +25,11 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def write_checkpoint(output_dir: Path, step: int, published_file: str, export_method: str,
-                     published: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
+                     published: dict[str, Any], state: dict[str, Any], keep: int,
+                     extra_files: dict[str, Path] | None = None) -> Path:
     """`published_file` is the official name (osediff.pkl, s3diff.pkl, hero_sr_model.pkl, HF-Diff.pth);
-    the safetensors export sits beside it under the same stem."""
+    the safetensors export sits beside it under the same stem. `extra_files` (name -> source) are
+    copied in too, e.g. S3Diff's de_net.pth, which the CLI and the nodes look for beside s3diff.pkl."""
     final = checkpoint_dir(output_dir, step)
     if final.exists():
         return final
@@ -37,6 +39,8 @@ def write_checkpoint(output_dir: Path, step: int, published_file: str, export_me
     temporary.mkdir(parents=True)
     torch.save(published, temporary / published_file)
     write_safetensors_export(published, temporary / f"{Path(published_file).stem}.safetensors", export_method)
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, temporary / name)
     torch.save(state, temporary / STATE_FILE)
     os.replace(temporary, final)
     _prune(output_dir, keep)

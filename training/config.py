@@ -17,7 +17,7 @@ from typing import Any
 
 METHODS = ("osediff", "s3diff")
 DEGRADATION_PRESETS = ("osediff", "s3diff", "resshift")
-PROMPT_SOURCES = ("empty", "caption")
+PROMPT_SOURCES = ("empty", "caption", "clip_tags")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOGGERS = ("csv", "tensorboard")
 
@@ -59,16 +59,20 @@ class DataConfig:
     pin_memory: bool = _f(True)
     cache_decoded: bool = _f(False, doc="keep decoded images in memory (small datasets)")
     prompts: str = _f("empty", choices=PROMPT_SOURCES,
-                      doc="empty; caption (a .txt beside each image, e.g. written from `onestep-sr tags`)")
+                      doc="empty; caption (a .txt beside each image, e.g. written from `onestep-sr tags`); "
+                          "clip_tags (the GT's tags from the pack's CLIP tagger, cached per image)")
+    clip_tagger: str | None = _f(None, doc="clip_tags: a transformers CLIPModel folder (as `onestep-sr tags --clip`)")
     validation_count: int = _f(8, 0, 10000)
 
 
 @dataclass
 class DegradationConfig:
     preset: str = _f("osediff", choices=DEGRADATION_PRESETS, doc="METHODS.md section 7 parameter set")
-    resize_back: str = _f("random", choices=("random", "bicubic", "none"),
-                          doc="LR back to GT size: random area/bilinear/bicubic (OSEDiff), bicubic (S3Diff)")
-    no_degradation_prob: float = _f(0.0, 0.0, 1.0, doc="probability that the input is the GT itself")
+    resize_back: str | None = _f(None, choices=("random", "bicubic", "none"),
+                                 doc="LR back to GT size: random area/bilinear/bicubic (OSEDiff), bicubic (S3Diff); "
+                                     "empty: the preset's")
+    no_degradation_prob: float | None = _f(None, 0.0, 1.0, doc="probability that the input is the GT itself "
+                                                                "(S3Diff 0.01); empty: the preset's")
 
 
 @dataclass
@@ -97,6 +101,7 @@ class LossConfig:
     vsd_t_max: int = _f(980, 1, 1000)
     negative_prompt: str = _f(OSEDIFF_NEGATIVE_PROMPT)
     negative_sample_prob: float = _f(0.0, 0.0, 1.0, doc="S3Diff: negative prompt + degraded input as target")
+    positive_prompt: str = _f("", doc="S3Diff: the prompt of every other sample (empty: data.prompts' per-image prompt)")
 
 
 @dataclass
@@ -146,11 +151,14 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 _SECTION_NAMES = {str(t): name for name, t in _SECTIONS.items()}
 
 
+_OPTIONAL_NUMBERS = ("lr_fake", "no_degradation_prob")  # numbers whose default None means "derived"
+
+
 def _check_value(where: str, spec: dataclasses.Field, value: Any) -> Any:
     default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
     meta = spec.metadata
     if value is None:
-        if default is None or spec.name in ("lr_fake",):
+        if default is None or spec.name in _OPTIONAL_NUMBERS:
             return None
         raise ConfigError(f"{where} must not be empty")
     if isinstance(default, bool):
@@ -159,7 +167,7 @@ def _check_value(where: str, spec: dataclasses.Field, value: Any) -> Any:
     elif isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
-    elif isinstance(default, float) or spec.name == "lr_fake":
+    elif isinstance(default, float) or spec.name in _OPTIONAL_NUMBERS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         value = float(value)
@@ -221,6 +229,10 @@ def _cross_checks(config: TrainConfig) -> None:
         raise ConfigError("loss.gan is S3Diff's loss; OSEDiff trains with mse, lpips and vsd")
     if config.method == "s3diff" and config.loss.vsd:
         raise ConfigError("loss.vsd is OSEDiff's loss; set it to 0 for S3Diff")
+    if config.data.prompts == "clip_tags" and not config.data.clip_tagger:
+        raise ConfigError("data.prompts: clip_tags needs data.clip_tagger (a transformers CLIPModel folder)")
+    if config.method == "s3diff" and not config.model.de_net:
+        raise ConfigError("S3Diff training needs model.de_net (the degradation estimator de_net.pth)")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -186,7 +186,8 @@ class TrainImages(torch.utils.data.Dataset):
         if self.flip and bool(torch.rand((), generator=generator) < 0.5):
             hr = hr.flip(-1)
             lr = lr.flip(-1) if lr is not None else None
-        item = {"gt": hr.contiguous(), "id": position, "prompt": self.samples[index].prompt}
+        item = {"gt": hr.contiguous(), "id": position, "prompt": self.samples[index].prompt,
+                "path": str(self.samples[index].path)}
         if lr is not None:
             item["lr"] = lr.contiguous()
         return item
@@ -227,7 +228,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 def collate(items: list[dict]) -> dict:
     batch = {"gt": torch.stack([i["gt"] for i in items]), "id": torch.tensor([i["id"] for i in items]),
-             "prompt": [i["prompt"] for i in items]}
+             "prompt": [i["prompt"] for i in items], "path": [i["path"] for i in items]}
     if "lr" in items[0]:
         batch["lr"] = torch.stack([i["lr"] for i in items])
     return batch

@@ -136,8 +136,8 @@ def _scheduler(optimizer, config: TrainConfig):
 
 
 def _prepare_inputs(batch: dict, config: TrainConfig, degrader, micro_step: int, rank: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lq, gt) in [-1, 1] at GT size on the device."""
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lq, gt) in [-1, 1] at GT size on the device, and the original-size LR in [0, 1]."""
     gt = batch["gt"].to(device, non_blocking=True)
     if "lr" in batch:
         lr = batch["lr"].to(device, non_blocking=True)
@@ -145,10 +145,22 @@ def _prepare_inputs(batch: dict, config: TrainConfig, degrader, micro_step: int,
         lq = F.interpolate(lr, size=gt.shape[-2:], mode=mode, align_corners=False).clamp(0, 1)
     else:
         degraded = degrader(gt, seed=(config.seed * 1_000_003 + micro_step) * 64 + rank)
-        lq = degraded.lr_upscaled
+        lr, lq = degraded.lr, degraded.lr_upscaled
         if lq is None:
             lq = F.interpolate(degraded.lr, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-    return lq * 2 - 1, gt * 2 - 1
+    return lq * 2 - 1, gt * 2 - 1, lr
+
+
+def degradation_params(config: TrainConfig):
+    """The preset of METHODS.md section 7, with the config's explicit overrides."""
+    from dataclasses import replace
+
+    from .degradations import get_preset
+
+    d = config.degradation
+    overrides = {k: v for k, v in (("no_degradation_prob", d.no_degradation_prob), ("resize_back", d.resize_back))
+                 if v is not None}
+    return replace(get_preset(d.preset), **overrides)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None, accelerator=None,
@@ -158,7 +170,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
     from accelerate.utils import DistributedDataParallelKwargs
 
     from .data import StepBatchSampler, TrainImages, collate
-    from .degradations import RealESRGANDegrader, get_preset
+    from .degradations import RealESRGANDegrader
     from .recipes import RecipeError, build_recipe
 
     output_dir = Path(config.output_dir)
@@ -195,6 +207,7 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
     if resume_state is not None:
         try:
             recipe.load_state(resume_state["trainable"], folder)
+            recipe.load_extra_state(resume_state.get("recipe", {}))
         except RecipeError as error:
             raise TrainingError(str(error)) from None
         for name in optimizers:
@@ -218,7 +231,12 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
                                          num_workers=config.data.workers,
                                          pin_memory=config.data.pin_memory and device.type == "cuda",
                                          persistent_workers=config.data.workers > 0)
-    degrader = None if config.data.train_lr else RealESRGANDegrader(get_preset(config.degradation.preset))
+    degrader = None if config.data.train_lr else RealESRGANDegrader(degradation_params(config))
+    tagger = None
+    if config.data.prompts == "clip_tags":
+        from .prompts import ClipTagPrompts
+
+        tagger = ClipTagPrompts(config.data.clip_tagger, device, output_dir / "clip_tags.json" if main else None)
     logger = Logger(output_dir, config.train.logger, main)
 
     unwrapped = accelerator.unwrap_model(model)
@@ -243,8 +261,12 @@ def train(config: TrainConfig, resume: str | Path | None = None, accelerator=Non
                 for micro in range(accum):
                     micro_step = step * accum + micro
                     batch = next(batches)
-                    lq, gt = _prepare_inputs(batch, config, degrader, micro_step, accelerator.process_index, device)
-                    inputs = StepInputs(lq=lq, gt=gt, batch=batch, micro_step=micro_step, seed=config.seed)
+                    if tagger is not None:
+                        batch["prompt"] = tagger(batch["path"])
+                    lq, gt, lr = _prepare_inputs(batch, config, degrader, micro_step, accelerator.process_index,
+                                                 device)
+                    inputs = StepInputs(lq=lq, gt=gt, batch=batch, micro_step=micro_step, seed=config.seed,
+                                        extras={"lr": lr})
                     boundary = micro == accum - 1
                     with accelerator.no_sync(model) if not boundary else _null():
                         for part in recipe.micro_step(model, unwrapped, inputs):
@@ -317,13 +339,15 @@ def _save(accelerator, recipe, unwrapped, config: TrainConfig, step: int, optimi
         "config": config.to_dict(),
         "method": recipe.method,
         "trainable": {n: p.detach().cpu().clone() for phase in recipe.phases for n, p in phase.parameters},
+        "recipe": recipe.extra_state(),
         "optimizers": {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()},
         "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "rng": rng_state(),
     }
     return write_checkpoint(Path(config.output_dir), step, recipe.published_file, recipe.export_method,
-                            recipe.published(unwrapped), state, config.train.keep_checkpoints)
+                            recipe.published(unwrapped), state, config.train.keep_checkpoints,
+                            getattr(recipe, "extra_files", None))
 
 
 def _finite(values: dict[str, float]) -> bool:

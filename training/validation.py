@@ -31,14 +31,16 @@ def validate(config: TrainConfig, published: dict, step: int, device: torch.devi
     from ..pipelines.model import apply_method_weights
     from ..pipelines.onestep import OneStepPipeline, UpscaleSettings
     from .data import TrainImages, read_rgb
-    from .degradations import RealESRGANDegrader, get_preset
+    from .degradations import RealESRGANDegrader
+    from .trainer import degradation_params
 
     base = load_base(config.model.base, config.model.tokenizer)
-    model = apply_method_weights(base, published, config.method, f"{config.method}.pkl").to(device, torch.float32)
+    model = apply_method_weights(base, published, config.method, f"{config.method}.pkl",
+                                 de_net_path=config.model.de_net).to(device, torch.float32)
     pipeline = OneStepPipeline(model, device)
     data = TrainImages(config.data.validation, config.data.crop, config.data.scale, flip=False,
                        small_images="pad", lr_folder=config.data.validation_lr, what="validation")
-    degrader = RealESRGANDegrader(get_preset(config.degradation.preset))
+    degrader = RealESRGANDegrader(degradation_params(config))
     lpips = None
     if config.loss.lpips:
         from .losses.lpips import LPIPSVGG

@@ -15,6 +15,7 @@ from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 
 RECIPES: dict[str, str] = {
     "osediff": "osediff:OSEDiffRecipe",
+    "s3diff": "s3diff:S3DiffRecipe",
 }
 
 __all__ = ["RECIPES", "Phase", "PhaseLoss", "Recipe", "RecipeError", "StepInputs", "build_recipe"]

@@ -84,6 +84,13 @@ class Recipe:
 
         return validate(self.config, self.published(unwrapped), step, self.device)
 
+    def extra_state(self) -> dict[str, Any]:
+        """Non-parameter state a resumed run needs (e.g. spectral norm's power-iteration vectors)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
+
     def load_state(self, trainable: dict[str, torch.Tensor], source: Path) -> None:
         """Copy resumed trainable tensors into the model (names as in `phases`)."""
         named = {n: p for phase in self.phases for n, p in phase.parameters}
