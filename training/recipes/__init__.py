@@ -16,6 +16,7 @@ from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 RECIPES: dict[str, str] = {
     "osediff": "osediff:OSEDiffRecipe",
     "s3diff": "s3diff:S3DiffRecipe",
+    "hero_sr": "herosr:HeroSRRecipe",
 }
 
 __all__ = ["RECIPES", "Phase", "PhaseLoss", "Recipe", "RecipeError", "StepInputs", "build_recipe"]
