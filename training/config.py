@@ -150,18 +150,18 @@ class HeroSRConfig:
 
 @dataclass
 class VPDSRConfig:
-    """VPD-SR (method vpdsr_sd) on the OSEDiff one-step student; see docs/training.md."""
+    """VPD-SR (method vpdsr_sd) on the OSEDiff one-step student (adversarial weight: loss.gan, DINO
+    discriminator from model.feature_networks); see docs/training.md ("VPD-SR on the SD student")."""
 
     clip: str = _f("models/clip/clip-vit-large-patch14", doc="transformers CLIPModel folder (ESS)")
-    semantic_weight: float = _f(1.0, 0.0, 1e4, doc="explicit semantic-aware supervision")
-    semantic_layers: list = _f([-1], doc="CLIP vision layers (1..L or -1..-L)")
+    semantic: float = _f(1.0, 0.0, 1e4, doc="explicit semantic-aware supervision weight")
+    semantic_layers: list = _f([-1], doc="CLIP vision layers compared token by token (1..L or -1..-L)")
     semantic_layer_weights: list = _f([], doc="one weight per layer; empty: 1 each")
-    semantic_embed_weight: float = _f(1.0, 0.0, 1e4)
+    semantic_embed: float = _f(1.0, 0.0, 1e4, doc="weight of the CLIP embedding term inside ESS")
     semantic_distance: str = _f("cosine", choices=("cosine", "mse"))
-    hf_weight: float = _f(1.0, 0.0, 1e4, doc="high-frequency perception loss")
-    hf_levels: int = _f(2, 1, 8)
-    hf_norm: str = _f("l1", choices=("l1", "mse"))
-    discriminator: str = _f("", doc="DINO discriminator backbone folder (only when loss.gan > 0)")
+    hfp: float = _f(1.0, 0.0, 1e4, doc="high-frequency perception weight")
+    hfp_levels: int = _f(2, 1, 8)
+    hfp_norm: str = _f("l1", choices=("l1", "mse"))
 
 
 @dataclass
@@ -322,7 +322,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.validat
                      "train.logger", "train.keep_checkpoints", "data.workers", "data.pin_memory",
                      "data.validation", "data.validation_lr", "data.validation_count", "output_dir",
                      "model.feature_networks", "train.device", "model.base", "model.tokenizer", "model.de_net",
-                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip", "vpdsr.discriminator"}
+                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,6 +17,7 @@ RECIPES: dict[str, str] = {
     "osediff": "osediff:OSEDiffRecipe",
     "s3diff": "s3diff:S3DiffRecipe",
     "hero_sr": "herosr:HeroSRRecipe",
+    "vpdsr_sd": "vpdsr_sd:VPDSRSDRecipe",
 }
 
 __all__ = ["RECIPES", "Phase", "PhaseLoss", "Recipe", "RecipeError", "StepInputs", "build_recipe"]
