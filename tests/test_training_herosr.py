@@ -333,3 +333,14 @@ def test_config_refusals(tmp_path, tiny_base_dir, nets):
     with pytest.raises(TrainingError, match=r"herosr.clip: CLIP model folder not found: nowhere"):
         train(_config(tmp_path, tiny_base_dir, nets, tmp_path / "imgs",
                       herosr={"clip": str(tmp_path / "nowhere")}), progress=False)
+
+
+def test_shipped_config():
+    from pathlib import Path
+
+    import onestep_sr.training as package
+    from onestep_sr.training.config import load_config
+
+    config = load_config(Path(package.__file__).parent / "configs" / "herosr.yaml")
+    assert config.method == "hero_sr" and config.herosr.gumbel_tau == 1.0 and config.herosr.prompt == " "
+    assert (config.loss.vsd, config.loss.gan, config.model.rank_unet, config.model.rank_vae) == (0, 0, 32, 16)
