@@ -44,9 +44,9 @@ def _config(tmp_path, base_dir, nets, train_dir, **overrides):
     features, clip = nets
     overrides.setdefault("loss", {"mse": 1.0, "lpips": 2.0, "vsd": 0.0})
     overrides.setdefault("herosr", {"clip": str(clip)})
-    return config_from_dict(tf.tiny_config(tmp_path, base_dir, features, train_dir, method="hero_sr",
-                                           model={"base": str(base_dir), "feature_networks": str(features),
-                                                  "rank_unet": 4, "rank_vae": 2}, **overrides))
+    overrides.setdefault("model", {"base": str(base_dir), "feature_networks": str(features), "rank_unet": 4,
+                                   "rank_vae": 2})
+    return config_from_dict(tf.tiny_config(tmp_path, base_dir, features, train_dir, method="hero_sr", **overrides))
 
 
 def _randomise_lora_b(module, seed):
@@ -344,3 +344,29 @@ def test_shipped_config():
     config = load_config(Path(package.__file__).parent / "configs" / "herosr.yaml")
     assert config.method == "hero_sr" and config.herosr.gumbel_tau == 1.0 and config.herosr.prompt == " "
     assert (config.loss.vsd, config.loss.gan, config.model.rank_unet, config.model.rank_vae) == (0, 0, 32, 16)
+
+
+def test_fine_tuning_starts_from_a_published_file_with_its_own_layout(tmp_path, tiny_base, tiny_base_dir, nets):
+    """model.init_weights: the file's ranks and target lists (here PEFT suffix lists with conv_in a LoRA
+    target, unlike ours) are used, and the recipe's published dict right after loading is the file."""
+    import synthetic_hero
+
+    path = tmp_path / "hero_sr_model.pkl"
+    synthetic_hero.write_hero_pkl(tiny_base, path)
+    source = torch.load(path, weights_only=False)
+    tf.write_images(tmp_path / "imgs", 2)
+    config = _config(tmp_path, tiny_base_dir, nets, tmp_path / "imgs",
+                     model={"base": str(tiny_base_dir), "feature_networks": str(nets[0]), "init_weights": str(path)})
+    recipe = build_recipe(config, torch.device("cpu"))
+    published = recipe.published(recipe.model)
+    assert published["rank_unet"] == source["rank_unet"] and published["rank_vae"] == source["rank_vae"]
+    assert published["unet_lora_target_modules"] == source["unet_lora_target_modules"]
+    for key in ("state_dict_unet", "state_dict_vae", "state_dict_time_adaptive"):
+        assert set(published[key]) == set(source[key]), key
+        for name, value in source[key].items():
+            assert torch.equal(published[key][name], value.to(published[key][name].dtype)), (key, name)
+    with pytest.raises(ValueError, match="is not Hero-SR weights"):
+        from onestep_sr.training.recipes.herosr import HeroSRRecipe
+
+        torch.save({"unet_lora_encoder_modules": [], "state_dict_unet": {}}, tmp_path / "osediff.pkl")
+        HeroSRRecipe.read_published(str(tmp_path / "osediff.pkl"))
