@@ -370,3 +370,13 @@ def test_fine_tuning_starts_from_a_published_file_with_its_own_layout(tmp_path, 
 
         torch.save({"unet_lora_encoder_modules": [], "state_dict_unet": {}}, tmp_path / "osediff.pkl")
         HeroSRRecipe.read_published(str(tmp_path / "osediff.pkl"))
+
+
+def test_a_run_saved_before_the_recipe_sections_existed_still_resumes():
+    from onestep_sr.training.config import config_differences
+
+    current = config_from_dict({}).to_dict()
+    saved = {k: v for k, v in current.items() if k not in ("herosr", "vpdsr")}
+    assert config_differences(saved, current) == []
+    changed = config_from_dict({"herosr": {"text_weight": 0.25}}).to_dict()
+    assert config_differences(saved, changed) == ["herosr.text_weight"]

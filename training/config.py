@@ -337,6 +337,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Recipe keys whose values differ (paths and bookkeeping intervals may change on resume)."""
-    a, b = _flatten(saved), _flatten(current)
+    """Recipe keys whose values differ (paths and bookkeeping intervals may change on resume). A key the
+    saved config lacks (a section added by a later version) counts as its default."""
+    a, b = {**_flatten(TrainConfig().to_dict()), **_flatten(saved)}, _flatten(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
