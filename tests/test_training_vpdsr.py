@@ -250,3 +250,17 @@ def test_refusals_and_the_gan_switch(tmp_path, tiny_base_dir, nets):
     shipped = load_config(Path(package.__file__).parent / "configs" / "vpdsr_sd.yaml")
     assert shipped.method == "vpdsr_sd" and shipped.loss.vsd == 1.0 and shipped.loss.gan > 0
     assert (shipped.model.lora_rank, shipped.optim.lr) == (4, 5e-5)
+
+
+def test_resume_reproduces_an_uninterrupted_run_with_the_discriminator(tmp_path, tiny_base_dir, nets):
+    """Spectral norm's power-iteration vectors (buffers of the discriminator heads) travel in the resume state."""
+    tf.write_images(tmp_path / "imgs", 3)
+    full = train(_config(tmp_path / "a", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4), progress=False)
+    first = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=2), progress=False)
+    resumed = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4),
+                    resume=first.checkpoint, progress=False)
+    combined = first.history + resumed.history
+    for a, b in zip(full.history, combined, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert "disc" in full.history[-1]

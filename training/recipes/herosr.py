@@ -138,19 +138,18 @@ class HeroSRRecipe(Recipe):
         out = model(lq=inputs.lq, gt=inputs.gt, embeds=embeds, random=random, content=content, content_mask=mask)
         yield PhaseLoss("generator", out["total"], out)
 
-    def load_state(self, trainable: dict[str, torch.Tensor], source: Path) -> None:
-        """Trainable tensors, plus the DTSM's BatchNorm running statistics: buffers, which the loop's
-        resume state does not hold, read back from the checkpoint's own hero_sr_model.pkl."""
-        from ...models.weights_io import read_weights_file
+    def extra_state(self) -> dict:
+        """The DTSM's BatchNorm running statistics: buffers, which the loop's trainable state lacks."""
+        return {"dtsm_buffers": {n: b.detach().cpu().clone() for n, b in self.model.dtsm.named_buffers()}}
 
-        super().load_state(trainable, source)
-        path = Path(source) / self.published_file
-        if not path.is_file():
-            raise RecipeError(f"{self.published_file} not found in {source}: the DTSM statistics cannot be resumed")
-        saved = read_weights_file(path)["state_dict_time_adaptive"]
+    def load_extra_state(self, state: dict) -> None:
+        buffers = state.get("dtsm_buffers")
+        if not buffers:
+            raise RecipeError("the checkpoint lacks the DTSM's BatchNorm statistics (dtsm_buffers); "
+                              "it was not written by the hero_sr recipe")
         with torch.no_grad():
             for name, buffer in self.model.dtsm.named_buffers():
-                buffer.copy_(saved[name])
+                buffer.copy_(buffers[name])
 
     def published(self, unwrapped: nn.Module) -> dict:
         from ..herosr import hero_checkpoint

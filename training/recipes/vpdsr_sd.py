@@ -79,6 +79,20 @@ class VPDSRSDRecipe(OSEDiffRecipe):
             disc = model(mode="discriminator", real=inputs.gt, fake=image, random=random)
             yield PhaseLoss("discriminator", disc["disc"], disc)
 
+    def extra_state(self) -> dict:
+        """The discriminator heads' buffers (spectral norm's power-iteration vectors), as S3Diff's recipe."""
+        disc = self.model.discriminator
+        if disc is None:
+            return {}
+        return {"discriminator_buffers": {n: b.detach().cpu().clone() for n, b in disc.heads.named_buffers()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        buffers = state.get("discriminator_buffers")
+        if buffers and self.model.discriminator is not None:
+            with torch.no_grad():
+                for name, buffer in self.model.discriminator.heads.named_buffers():
+                    buffer.copy_(buffers[name])
+
     def validate(self, unwrapped: nn.Module, step: int) -> dict[str, float]:
         """The student is OSEDiff's: validate its osediff.pkl through the OSEDiff pipeline."""
         from ..validation import validate
