@@ -73,3 +73,24 @@ def tiny_config(tmp: Path, base_dir: Path, features: Path, train: Path, **overri
         else:
             config[section] = value
     return config
+
+
+def write_tiny_clip(folder: Path, seed: int = 4) -> Path:
+    """A tiny random transformers CLIPModel (28 px, 14 px patches, 3 vision layers) + tokenizer folder."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    import tinymodels
+
+    tinymodels.write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                           image_size=28, patch_size=14, hidden_act="gelu"),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    return folder

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("osediff", "s3diff")
+METHODS = ("osediff", "s3diff", "hero_sr", "vpdsr_sd")
 DEGRADATION_PRESETS = ("osediff", "s3diff", "resshift")
 PROMPT_SOURCES = ("empty", "caption", "clip_tags")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -132,6 +132,39 @@ class TrainLoopConfig:
 
 
 @dataclass
+class HeroSRConfig:
+    """Hero-SR (method hero_sr): DTSM + OWMS; every open choice is explained in docs/training.md."""
+
+    clip: str = _f("models/clip/clip-vit-large-patch14", doc="transformers CLIPModel folder (OWMS)")
+    prompt: str = _f(" ", doc="the UNet's text condition; the release's inference prompt")
+    text_weight: float = _f(0.5, 0.0, 1e4, doc="text-domain perceptual alignment loss")
+    image_weight: float = _f(1.0, 0.0, 1e4, doc="image-domain semantic alignment loss")
+    text_mode: str = _f("antonym", choices=("antonym", "cosine"))
+    quality_pairs: list = _f([], doc="[[positive, negative], ...]; empty: CLIP-IQA's five antonym pairs")
+    content_weight: float = _f(1.0, 0.0, 1e4, doc="1 - cos(SR, caption) when data.prompts is caption")
+    clip_temperature: float = _f(0.0, 0.0, 100.0, doc="antonym softmax temperature; 0: CLIP's logit scale")
+    gumbel_tau: float = _f(1.0, 1e-3, 100.0)
+    alpha_gradient: bool = _f(True, doc="x0 formula's alpha-bar straight-through to the DTSM logits")
+    train_dtsm: bool = _f(True)
+
+
+@dataclass
+class VPDSRConfig:
+    """VPD-SR (method vpdsr_sd) on the OSEDiff one-step student (adversarial weight: loss.gan, DINO
+    discriminator from model.feature_networks); see docs/training.md ("VPD-SR on the SD student")."""
+
+    clip: str = _f("models/clip/clip-vit-large-patch14", doc="transformers CLIPModel folder (ESS)")
+    semantic: float = _f(1.0, 0.0, 1e4, doc="explicit semantic-aware supervision weight")
+    semantic_layers: list = _f([-1], doc="CLIP vision layers compared token by token (1..L or -1..-L)")
+    semantic_layer_weights: list = _f([], doc="one weight per layer; empty: 1 each")
+    semantic_embed: float = _f(1.0, 0.0, 1e4, doc="weight of the CLIP embedding term inside ESS")
+    semantic_distance: str = _f("cosine", choices=("cosine", "mse"))
+    hfp: float = _f(1.0, 0.0, 1e4, doc="high-frequency perception weight")
+    hfp_levels: int = _f(2, 1, 8)
+    hfp_norm: str = _f("l1", choices=("l1", "mse"))
+
+
+@dataclass
 class TrainConfig:
     method: str = _f("osediff", choices=METHODS)
     output_dir: str = _f("runs/onestep")
@@ -142,6 +175,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    herosr: HeroSRConfig = field(default_factory=HeroSRConfig)
+    vpdsr: VPDSRConfig = field(default_factory=VPDSRConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +268,30 @@ def _cross_checks(config: TrainConfig) -> None:
         raise ConfigError("data.prompts: clip_tags needs data.clip_tagger (a transformers CLIPModel folder)")
     if config.method == "s3diff" and not config.model.de_net:
         raise ConfigError("S3Diff training needs model.de_net (the degradation estimator de_net.pth)")
+    if config.method == "hero_sr":
+        _check_hero(config)
+    if config.method == "vpdsr_sd":
+        _check_vpd(config)
+
+
+def _check_hero(config: TrainConfig) -> None:
+    if config.loss.vsd or config.loss.gan:
+        raise ConfigError("loss.vsd and loss.gan are not Hero-SR losses; set them to 0 (Hero-SR: mse, lpips, "
+                          "herosr.text_weight, herosr.image_weight)")
+    pairs = config.herosr.quality_pairs
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(t, str) and t for t in p) for p in pairs):
+        raise ConfigError(f"herosr.quality_pairs must be a list of [positive, negative] text pairs, got {pairs!r}")
+
+
+def _check_vpd(config: TrainConfig) -> None:
+    v = config.vpdsr
+    if not v.semantic_layers or not all(isinstance(i, int) and not isinstance(i, bool) and i for i in v.semantic_layers):
+        raise ConfigError(f"vpdsr.semantic_layers must be non-zero layer numbers, got {v.semantic_layers!r}")
+    weights = v.semantic_layer_weights
+    if weights and (len(weights) != len(v.semantic_layers)
+                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+        raise ConfigError(f"vpdsr.semantic_layer_weights needs one number per layer of vpdsr.semantic_layers, "
+                          f"got {weights!r}")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -263,7 +322,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.validat
                      "train.logger", "train.keep_checkpoints", "data.workers", "data.pin_memory",
                      "data.validation", "data.validation_lr", "data.validation_count", "output_dir",
                      "model.feature_networks", "train.device", "model.base", "model.tokenizer", "model.de_net",
-                     "data.train", "data.train_lr"}
+                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -278,6 +337,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Recipe keys whose values differ (paths and bookkeeping intervals may change on resume)."""
-    a, b = _flatten(saved), _flatten(current)
+    """Recipe keys whose values differ (paths and bookkeeping intervals may change on resume). A key the
+    saved config lacks (a section added by a later version) counts as its default."""
+    a, b = {**_flatten(TrainConfig().to_dict()), **_flatten(saved)}, _flatten(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)

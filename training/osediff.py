@@ -153,6 +153,7 @@ class OSEDiffTrainModel(nn.Module):
         losses = {"mse": F.mse_loss(image.float(), gt.float()) * self.weights["mse"]}
         if self.weights.get("lpips") and self.lpips is not None:
             losses["lpips"] = self.lpips(image.float(), gt.float()).mean() * self.weights["lpips"]
+        losses.update(self.extra_losses(image, gt, random))
         if self.weights.get("vsd"):
             t = per_sample_randint(*self.vsd_t_range, random.stream(1), lq.device)
             noise = per_sample_randn(tuple(z0.shape[1:]), random.stream(2), lq.device).to(z0)
@@ -163,7 +164,12 @@ class OSEDiffTrainModel(nn.Module):
             activate(self.unet, GENERATOR)
         losses["total"] = sum(v for k, v in losses.items())
         losses["z0"] = z0.detach()
+        losses["image"] = image.detach()
         return losses
+
+    def extra_losses(self, image: torch.Tensor, gt: torch.Tensor, random: StepRandom) -> dict[str, torch.Tensor]:
+        """More weighted terms on the generator's image (recipes built on this student, e.g. VPD-SR)."""
+        return {}
 
     def fake_inputs(self, z0: torch.Tensor, embeds: torch.Tensor, random: StepRandom) -> dict[str, torch.Tensor]:
         t = per_sample_randint(0, 1000, random.stream(3), z0.device)

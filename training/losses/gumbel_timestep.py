@@ -93,5 +93,7 @@ def one_step_x0(latent: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
     (from `alphas_cumprod_at`); same value as `models.schedule.x0_from_eps` at the chosen t.
     Computed in float32 or better, like the inference path."""
     work = torch.float64 if latent.dtype == torch.float64 else torch.float32
-    a = alpha_bar.to(latent.device, work).reshape(-1, *([1] * (latent.dim() - 1)))
-    return (latent.to(work) - (1 - a).sqrt() * eps.to(work)) / a.sqrt()
+    # The square roots in alpha-bar's own precision (float64), then cast: x0_from_eps's order, so the
+    # trained forward and the inference pipeline agree to float32 rounding of the final products.
+    a = alpha_bar.to(latent.device).reshape(-1, *([1] * (latent.dim() - 1)))
+    return (latent.to(work) - (1 - a).sqrt().to(work) * eps.to(work)) / a.sqrt().to(work)

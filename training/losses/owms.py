@@ -110,8 +110,13 @@ class ImageSemanticAlignmentLoss(FrozenNetLoss):
         self.clip = clip_model
         self.reduction = check_reduction(reduction)
 
+    @staticmethod
+    def from_embeds(sr_embeds: Tensor, gt_embeds: Tensor) -> Tensor:
+        """Per-image loss from CLIP embeddings (B, D) already computed (a recipe sharing one CLIP pass
+        of SR between the OWMS terms); the GT side is detached."""
+        return 1 - F.cosine_similarity(sr_embeds.float(), gt_embeds.detach().float(), dim=-1)
+
     def forward(self, sr: Tensor, gt: Tensor) -> Tensor:
         with torch.no_grad():
             target = clip_image_embeds(self.clip, gt)
-        cosine = F.cosine_similarity(clip_image_embeds(self.clip, sr), target, dim=-1)
-        return reduce(1 - cosine, self.reduction)
+        return reduce(self.from_embeds(clip_image_embeds(self.clip, sr), target), self.reduction)

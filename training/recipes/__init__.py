@@ -16,6 +16,8 @@ from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 RECIPES: dict[str, str] = {
     "osediff": "osediff:OSEDiffRecipe",
     "s3diff": "s3diff:S3DiffRecipe",
+    "hero_sr": "herosr:HeroSRRecipe",
+    "vpdsr_sd": "vpdsr_sd:VPDSRSDRecipe",
 }
 
 __all__ = ["RECIPES", "Phase", "PhaseLoss", "Recipe", "RecipeError", "StepInputs", "build_recipe"]

@@ -35,7 +35,7 @@ class OSEDiffRecipe(Recipe):
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         from ...models.base_models import load_base
         from ..adapters import add_osediff_adapters, set_osediff_trainable
-        from ..osediff import OSEDiffTrainModel, fake_parameters, generator_parameters
+        from ..osediff import fake_parameters, generator_parameters
 
         super().__init__(config, device)
         base = load_base(config.model.base, config.model.tokenizer)
@@ -50,12 +50,19 @@ class OSEDiffRecipe(Recipe):
         if config.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         weights = {"mse": config.loss.mse, "lpips": config.loss.lpips, "vsd": config.loss.vsd}
-        self.model = OSEDiffTrainModel(unet, vae, None, lpips, weights, config.loss.vsd_guidance,
-                                       (config.loss.vsd_t_min, config.loss.vsd_t_max))
+        self.model = self.make_model(unet, vae, lpips, weights)
         self.model.to(device)
         self.phases = [Phase("generator", generator_parameters(self.model), config.optim.lr),
                        Phase("fake", fake_parameters(self.model), config.optim.lr_fake or config.optim.lr)]
         self.negative = self.prompts([config.loss.negative_prompt])
+
+    def make_model(self, unet: nn.Module, vae: nn.Module, lpips: nn.Module | None, weights: dict) -> nn.Module:
+        """The training module (recipes on the same student, e.g. VPD-SR, add their terms here)."""
+        from ..osediff import OSEDiffTrainModel
+
+        config = self.config
+        return OSEDiffTrainModel(unet, vae, None, lpips, weights, config.loss.vsd_guidance,
+                                 (config.loss.vsd_t_min, config.loss.vsd_t_max))
 
     @staticmethod
     def load_published(unet: nn.Module, vae: nn.Module, path: str) -> None:
@@ -79,6 +86,7 @@ class OSEDiffRecipe(Recipe):
         out = model(mode="generator", lq=inputs.lq, gt=inputs.gt, embeds=embeds,
                     negative=self.negative.expand(inputs.lq.shape[0], -1, -1), random=random)
         z0 = out.pop("z0")
+        out.pop("image")
         yield PhaseLoss("generator", out["total"], out)
         fake = model(mode="fake", **unwrapped.fake_inputs(z0, embeds, random))
         yield PhaseLoss("fake", fake["fake"], fake)
