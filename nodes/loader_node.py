@@ -59,6 +59,8 @@ def carried_patches(keys: dict[str, tuple[str, str]], host_patches: dict[str, di
         if entries:
             ours[name] = list(entries)
     total = sum(len(p) for p in host_patches.values())
+    if ours:
+        log.info("Load OneStep SR: applying the MODEL/CLIP's patches (LoraLoader) to %d weights", len(ours))
     if total > len(ours):
         log.warning("%d of %d patched weights on the MODEL/CLIP have no counterpart in the one-step model and "
                     "are not applied", total - len(ours), total)
