@@ -161,6 +161,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def vae_dtype(device: torch.device, unet_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision on auto: bf16 where ComfyUI would run its own VAE in bf16 (so the tensors can be
+    shared with Load Checkpoint's VAE), else the UNet's (fp16 decodes that overflow are redone in fp32)."""
+    import comfy.model_management as mm
+
+    if unet_dtype != torch.float32 and getattr(mm, "should_use_bf16", None) and mm.should_use_bf16(device):
+        return torch.bfloat16
+    return unet_dtype
+
+
 class ModuleBundle(nn.Module):
     """One nn.Module holding a method's modules so ComfyUI loads and offloads them together.
 

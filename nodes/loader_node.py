@@ -124,8 +124,9 @@ class OneStepSRLoader:
                                "folder in models/diffusers, or the MODEL/CLIP/VAE inputs of this node."}),
                 "dtype": (["auto", "fp16", "bf16", "fp32"], {
                     "default": "auto",
-                    "tooltip": "Precision of the UNet and VAE. auto: fp16 where ComfyUI uses fp16 (the "
-                               "official OSEDiff precision), else fp32. A VAE that overflows in fp16 falls "
+                    "tooltip": "Precision of the UNet and VAE. auto: UNet in fp16 where ComfyUI uses fp16 (the "
+                               "official OSEDiff precision), else fp32; VAE in bf16 where the GPU supports it "
+                               "(as ComfyUI's own VAE), else as the UNet. A VAE that overflows in fp16 falls "
                                "back to fp32 by itself."}),
             },
             "optional": {  # lazy: with a file base, the Load Checkpoint feeding them need not run
@@ -138,6 +139,10 @@ class OneStepSRLoader:
                     "default": SHIPPED_CONFIG,
                     "tooltip": "ResShift/SinSR/HF-Diff only: an official-format YAML in models/onestep_sr for a "
                                "model of another size (your own training). Ignored by the SD methods."}),
+                "compile": ("BOOLEAN", {  # appended: saved workflows store widgets by position
+                    "default": False,
+                    "tooltip": "torch.compile the UNet: the first run takes longer (compiling), later runs of the "
+                               "same tile size are faster. Needs a working Triton/C++ toolchain."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -151,7 +156,7 @@ class OneStepSRLoader:
         return [name for name in ("model", "clip", "vae") if name in inputs and inputs[name] is None]
 
     def load(self, weights: str, base: str, dtype: str, model=None, clip=None, vae=None,
-             model_config: str = SHIPPED_CONFIG, unique_id=None):
+             model_config: str = SHIPPED_CONFIG, compile: bool = False, unique_id=None):
         with comfy.ui_warnings(unique_id):
             weights_path = comfy.full_path(comfy.WEIGHTS_FOLDER, weights)
             de_net = comfy.find_file(comfy.WEIGHTS_FOLDER, "de_net.pth")  # S3Diff's estimator, if present
@@ -166,8 +171,11 @@ class OneStepSRLoader:
             if isinstance(onestep, OneStepModel):
                 # the text encoder keeps the precision it came in (shared with ComfyUI's CLIP); its placement
                 # casts it for the one encoding per prompt
-                onestep.to(comfy.offload_device(), torch_dtype, text_dtype=None)
-                return (self._handle(onestep, host, model, clip),)
+                vae_dtype = comfy.vae_dtype(device, torch_dtype) if dtype == "auto" else torch_dtype
+                onestep.to(comfy.offload_device(), torch_dtype, text_dtype=None, vae_dtype=vae_dtype)
+                handle = self._handle(onestep, host, model, clip)
+                handle.compile = bool(compile)
+                return (handle,)
             onestep.to(comfy.offload_device(), torch_dtype)
             return (OneStepHandle(model=onestep, patcher=comfy.make_patcher(onestep.modules())),)
 

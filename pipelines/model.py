@@ -60,13 +60,16 @@ class OneStepModel:
         return named
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           text_dtype: torch.dtype | None = torch.float32) -> OneStepModel:
-        """Move every module; the text encoder runs in fp32 by default (once per prompt, cached), so a
-        prompt gives the same embedding whatever precision the base file stored it in. text_dtype None
+           text_dtype: torch.dtype | None = torch.float32, vae_dtype: torch.dtype | None = None) -> OneStepModel:
+        """Move every module; the UNet in `dtype`, the VAE in `vae_dtype` (default: `dtype`; see
+        pipelines/speed.auto_vae_dtype). The text encoder runs in fp32 by default (once per prompt, cached),
+        so a prompt gives the same embedding whatever precision the base file stored it in. text_dtype None
         leaves its precision as it is (a host that shares the weights casts for the run itself)."""
         for name, module in self.modules().items():
-            if name in ("unet", "vae"):
+            if name == "unet":
                 module.to(device=device, dtype=dtype)
+            elif name == "vae":
+                module.to(device=device, dtype=vae_dtype or dtype)
             elif name == "text_encoder":
                 module.to(device=device, dtype=text_dtype)
             else:

@@ -17,6 +17,7 @@ import torch
 from ..models.device_memory import TORCH_MEMORY, MemoryProvider, is_out_of_memory
 from ..models.schedule import x0_from_eps
 from ..models.tiled_vae import decode_tiled, encode_tiled, tile_grid
+from . import speed
 from .channels import merge_channels, split_channels
 from .color_fix import color_fix
 from .geometry import ResizePlan, apply_resize_plan, crop_to, plan_resize, reflect_pad_to_multiple
@@ -115,9 +116,17 @@ class OneStepPipeline:
     """Runs a loaded OneStepModel on image batches."""
 
     def __init__(self, model: OneStepModel, device: torch.device | str = "cpu", memory: MemoryProvider | None = None,
-                 output_device: torch.device | str = "cpu"):
+                 output_device: torch.device | str = "cpu", channels_last: bool | None = None, compile: bool = False):
+        """channels_last None: on where it pays (CUDA); compile: torch.compile the UNet (see pipelines/speed)."""
         self.model = model
         self.device = torch.device(device)
+        self.channels_last = False
+        if model.method.backbone == "sd":
+            self.channels_last = speed.use_channels_last(self.device) if channels_last is None else channels_last
+            if self.channels_last:
+                speed.to_channels_last(model.unet, model.vae)
+            if compile:
+                speed.compile_unet(model.unet)
         self.memory = memory or TORCH_MEMORY  # free memory / cache release: PyTorch's, or the host's
         self.output_device = torch.device(output_device)  # where the result goes (ComfyUI's intermediate device)
         # The backbone seam: the SD one-step path is this class itself; others come from the
@@ -248,6 +257,8 @@ class OneStepPipeline:
         original_hw = tuple(x.shape[-2:])
         if method.pad_multiple > 1:
             x = (reflect_pad_to_multiple(x * 2 - 1, method.pad_multiple)[0] + 1) / 2
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         counter = self._tile_counter(x, settings, hooks)
 
         latent = self.encode(x, settings, conditions, hooks, counter.stage("encode")) * model.scaling_factor
