@@ -578,6 +578,9 @@ def test_one_base_in_server_memory(comfy, weights):
         comfy.run(prompt)
         loaded, peak = comfy.memory()
         comfy.free(cached_outputs=False)  # unload models, keep the cached MODEL and our loader's output
+        # ComfyUI reads /free's flags after a queue item; one posted while the worker is between items can wait
+        # for the next one (its wake-up is lost), so queue the same prompt again: all cached, nothing runs.
+        comfy.run(prompt)
         unloaded = comfy.settled_memory()
     finally:
         comfy.free()
