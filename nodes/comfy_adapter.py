@@ -254,8 +254,9 @@ def make_patcher(modules: dict[str, nn.Module], weight_patches: dict[str, list] 
     patcher.shared_sources = {BUNDLE_PREFIX + name: tensor for name, tensor in (shared or {}).items()}
     names = {name for name, _ in bundle.named_parameters()}
     for key, entries in (host_patches or {}).items():
-        if BUNDLE_PREFIX + key in names:
-            patcher.patches.setdefault(BUNDLE_PREFIX + key, []).extend(entries)
+        if BUNDLE_PREFIX + key not in names:
+            raise ValueError(f"a MODEL/CLIP patch was mapped to {key}, which our modules do not have")
+        patcher.patches.setdefault(BUNDLE_PREFIX + key, []).extend(entries)
     depth = max((len(updates) for updates in (weight_patches or {}).values()), default=0)
     for index in range(depth):  # add_patches takes one patch per key and call
         layer = {BUNDLE_PREFIX + key: lora_patch(updates[index])
@@ -300,13 +301,17 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def text_encoder_placement(patcher: Any) -> Callable[[], Any]:
+def text_encoder_placement(patcher: Any, keep: tuple[Any, ...] = ()) -> Callable[[], Any]:
     """The text encoder's placement for OneStepModel: loaded (with its patches) onto ComfyUI's device for
-    one encoding, in that device's compute precision, then unloaded at once (embeddings are cached)."""
+    one encoding, in that device's compute precision, then unloaded at once (embeddings are cached).
+    `keep`: patchers loaded in the same call, so making room for the text encoder cannot leave them
+    unloaded (the UNet/VAE, loaded before the prompt is encoded)."""
+    import comfy.model_management
 
     @contextmanager
     def placement() -> Iterator[torch.device]:
-        device = load_to_device(patcher)
+        comfy.model_management.load_models_gpu([patcher, *keep], force_full_load=True)
+        device = patcher.load_device
         module = patcher.model
         stored = next(module.parameters()).dtype
         wanted = compute_dtype(device)

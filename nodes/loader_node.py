@@ -34,36 +34,43 @@ def _by_storage(state: dict) -> dict[tuple[int, tuple[int, ...]], str]:
     return {(t.data_ptr(), tuple(t.shape)): key for key, t in state.items() if isinstance(t, torch.Tensor)}
 
 
-def host_key_map(modules: dict[str, nn.Module], states: dict[str, dict]) -> dict[str, tuple[str, str]]:
-    """Our parameter names ("unet.<diffusers name>") -> (ComfyUI part, its key), for the weights built
-    straight from ComfyUI's tensors (the LDM -> diffusers conversion only renames or reshapes views)."""
+def host_key_map(modules: dict[str, nn.Module], states: dict[str, dict]) -> dict[int, tuple[nn.Parameter, str, str]]:
+    """id(parameter) -> (parameter, ComfyUI part, its key) for the weights built straight from ComfyUI's
+    tensors (the LDM -> diffusers conversion only renames or reshapes views: same data pointer and shape).
+    Keyed by the Parameter object, which survives the method wrapping a layer (S3Diff) and precision casts,
+    while a weight the method replaces (a trained conv_in) is a new object and drops out."""
     lookup = {(ptr, shape): (part, key) for part, state in states.items()
               for (ptr, shape), key in _by_storage(state).items()}
     found = {}
-    for prefix, module in modules.items():
-        for name, param in module.named_parameters():
+    for module in modules.values():
+        for param in module.parameters():
             hit = lookup.get((param.data_ptr(), tuple(param.shape)))
             if hit is not None:
-                found[f"{prefix}.{name}"] = hit
+                found[id(param)] = (param, *hit)
     return found
 
 
-def carried_patches(keys: dict[str, tuple[str, str]], host_patches: dict[str, dict]) -> dict[str, list]:
-    """ComfyUI's patches on the MODEL ("diffusion_model.<key>") and CLIP ("<key>"), re-keyed to our names.
-    A patch on a weight we do not share (none for LoraLoader's UNet/CLIP LoRAs) is reported, not dropped
-    silently."""
+def carried_patches(parts: dict[str, nn.Module], keys: dict[int, tuple[nn.Parameter, str, str]],
+                    host_patches: dict[str, dict]) -> dict[str, list]:
+    """ComfyUI's patches on the MODEL ("diffusion_model.<key>") and CLIP ("<key>"), re-keyed to our final
+    parameter names ("unet.<name>"). A patch on a weight we do not share (one the method replaced) is
+    reported, not dropped silently."""
     ours = {}
-    for name, (part, key) in keys.items():
-        patch_key = f"diffusion_model.{key}" if part == "unet" else key
-        entries = host_patches.get(part, {}).get(patch_key)
-        if entries:
-            ours[name] = list(entries)
+    for prefix, module in parts.items():
+        for name, param in module.named_parameters():
+            known = keys.get(id(param))
+            if known is None or known[0] is not param:
+                continue
+            _, part, key = known
+            entries = host_patches.get(part, {}).get(f"diffusion_model.{key}" if part == "unet" else key)
+            if entries:
+                ours[f"{prefix}.{name}"] = list(entries)
     total = sum(len(p) for p in host_patches.values())
     if ours:
         log.info("Load OneStep SR: applying the MODEL/CLIP's patches (LoraLoader) to %d weights", len(ours))
     if total > len(ours):
-        log.warning("%d of %d patched weights on the MODEL/CLIP have no counterpart in the one-step model and "
-                    "are not applied", total - len(ours), total)
+        log.warning("%d of %d patched weights on the MODEL/CLIP have no counterpart in the one-step model (or "
+                    "are weights the method replaces) and are not applied", total - len(ours), total)
     return ours
 
 
@@ -188,7 +195,9 @@ class OneStepSRLoader:
         shared = shared_tensors(parts, host.get("tensors", {}))
         host_patches = {}
         if host:
-            host_patches = carried_patches(host["keys"], {"unet": comfy.patches_of(model), "text": comfy.patches_of(clip)})
+            everything = {**parts, **({"text_encoder": text_encoder} if text_encoder is not None else {})}
+            host_patches = carried_patches(everything, host["keys"],
+                                           {"unet": comfy.patches_of(model), "text": comfy.patches_of(clip)})
         main_patches = {k: v for k, v in host_patches.items() if not k.startswith("text_encoder.")}
         patcher = comfy.make_patcher(parts, onestep.weight_patches, main_patches, shared)
         text_patcher = None
@@ -196,7 +205,7 @@ class OneStepSRLoader:
             text_shared = shared_tensors({"text_encoder": text_encoder}, host.get("tensors", {}))
             text_patches = {k: v for k, v in host_patches.items() if k.startswith("text_encoder.")}
             text_patcher = comfy.make_patcher({"text_encoder": text_encoder}, None, text_patches, text_shared)
-            onestep.text_encoder_placement = comfy.text_encoder_placement(text_patcher)
+            onestep.text_encoder_placement = comfy.text_encoder_placement(text_patcher, keep=(patcher,))
         onestep.weight_patches = {}  # ComfyUI owns them now
         return OneStepHandle(model=onestep, patcher=patcher, text_patcher=text_patcher)
 
