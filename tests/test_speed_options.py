@@ -5,6 +5,7 @@ run on a tiny model."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import numpy as np
@@ -61,12 +62,22 @@ def test_sdpa_mid_block_attention_matches_the_math_path(model, batch):
     torch.testing.assert_close(got, ref_moments, rtol=1e-4, atol=1e-4)
 
 
-def test_channels_last_gives_the_same_image(model):
-    settings = UpscaleSettings(scale=2.0, vae_decoder_tile=32, vae_encoder_tile=256, vae_norm_stats="exact")
-    default = OneStepPipeline(copy.deepcopy(model), "cpu", channels_last=False)(_image(), settings)
-    nhwc = OneStepPipeline(copy.deepcopy(model), "cpu", channels_last=True)
-    assert nhwc.model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(nhwc(_image(), settings), default, rtol=0, atol=1e-5)
+def test_channels_last_gives_the_same_numbers(model):
+    """channels-last UNet and VAE (the pipeline's CUDA default) against the default layout: same numbers up
+    to float reordering, and the layout is kept through the tiled VAE."""
+    pipeline = OneStepPipeline(copy.deepcopy(model), "cpu", channels_last=True)
+    assert pipeline.model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not OneStepPipeline(copy.deepcopy(model), "cpu").channels_last  # off on the CPU by default
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 4, 12, 20, generator=generator)
+    image = decode_tiled(pipeline.model.vae, z.contiguous(memory_format=torch.channels_last), tile_latent=8,
+                         pad_latent=2, norm_stats="exact")
+    torch.testing.assert_close(image, decode_tiled(model.vae, z, tile_latent=8, pad_latent=2, norm_stats="exact"),
+                               rtol=0, atol=1e-5)
+    text = torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        eps = pipeline.model.unet(z.contiguous(memory_format=torch.channels_last), 999, encoder_hidden_states=text).sample
+        torch.testing.assert_close(eps, model.unet(z, 999, encoder_hidden_states=text).sample, rtol=0, atol=1e-5)
 
 
 def test_nan_fallback_decodes_again_in_fp32(model, monkeypatch):
@@ -92,9 +103,13 @@ def test_nan_fallback_decodes_again_in_fp32(model, monkeypatch):
     torch.testing.assert_close(image, real(rounded, z), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_unet_gives_the_same_image(model):
     """torch.compile of the UNet (--compile / the loader's compile option) against the eager run; skipped
-    where this machine cannot compile (no C++ toolchain) or compiling takes unreasonably long."""
+    where this machine cannot compile (no C++ toolchain). Slow: inductor compiles for ~4 minutes on 2 busy
+    CPUs (ONESTEP_SR_SLOW_TESTS=1; not run by CI)."""
+    if not os.environ.get("ONESTEP_SR_SLOW_TESTS"):
+        pytest.skip("set ONESTEP_SR_SLOW_TESTS=1 to run")
     settings = UpscaleSettings(scale=2.0)
     eager = OneStepPipeline(copy.deepcopy(model), "cpu")(_image(), settings)
     compiled = OneStepPipeline(copy.deepcopy(model), "cpu", compile=True)
