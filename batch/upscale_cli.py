@@ -52,6 +52,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     up.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="model precision (auto: fp16 on GPU, fp32 on CPU)")
     up.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    up.add_argument("--compile", action="store_true",
+                    help="torch.compile the UNet (slower first image, faster after; see README Performance)")
     up.add_argument("--seed", type=int, default=None,
                     help="sample the VAE latent with this seed (default: the latent mean, deterministic); "
                          "SinSR/HF-Diff/ResShift: the noise seed (default 12345)")
@@ -185,13 +187,17 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 def _load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from ..models.base_models import load_base
-    from ..pipelines.model import load_onestep_model
+    from ..pipelines.model import OneStepModel, load_onestep_model
     from ..pipelines.onestep import OneStepPipeline
+    from ..pipelines.speed import auto_vae_dtype
 
     model = load_onestep_model(lambda _kind: load_base(args.base, args.tokenizer) if args.base else None,
-                               args.weights, args.method, de_net_path=args.de_net,
-                               **loader_options(args)).to(device, dtype)
-    return OneStepPipeline(model, device)
+                               args.weights, args.method, de_net_path=args.de_net, **loader_options(args))
+    if isinstance(model, OneStepModel) and args.dtype == "auto":  # bf16 VAE where the device has it
+        model.to(device, dtype, vae_dtype=auto_vae_dtype(device, dtype))
+    else:
+        model.to(device, dtype)
+    return OneStepPipeline(model, device, compile=getattr(args, "compile", False))
 
 
 def _check_sizes(jobs, pipeline, settings, report, fail_fast: bool):

@@ -2,7 +2,9 @@
 
 Why: the tiled VAE picks exact (all tiles alive at once) or streamed GroupNorm statistics by comparing
 what the exact run would hold with what the device can give, and every stage that retries on
-out-of-memory must recognise the error the same way on CUDA, MPS and the CPU.
+out-of-memory must recognise the error the same way on CUDA, MPS and the CPU. A host that manages
+device memory itself (ComfyUI: `--reserve-vram`, evicting other models) injects its own
+MemoryProvider; the pipeline never calls the CUDA allocator directly then.
 """
 
 from __future__ import annotations
@@ -59,3 +61,24 @@ def free_cached_memory(device: torch.device | str) -> None:
     """Give cached blocks back after an out-of-memory error, before a retry."""
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+class MemoryProvider:
+    """Free memory, room-making and cache release for one run; the default asks PyTorch.
+
+    Hosts subclass it (nodes/comfy_adapter.ComfyMemory) and hand it to the pipeline, which passes it
+    down to the tiled VAE: the numerical code stays host-agnostic."""
+
+    def available(self, device: torch.device | str) -> int | None:
+        """Bytes new tensors on `device` can take now, or None when unknown."""
+        return available_memory(device)
+
+    def make_room(self, device: torch.device | str, needed: int) -> None:
+        """Ask the host to free `needed` bytes on `device` (e.g. by unloading other models); a hint."""
+
+    def free_cached(self, device: torch.device | str) -> None:
+        """Release cached blocks after an out-of-memory error, before a retry."""
+        free_cached_memory(device)
+
+
+TORCH_MEMORY = MemoryProvider()

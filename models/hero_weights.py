@@ -10,7 +10,8 @@ trained base tensors (`<module>.base_layer.weight` or plain `<name>.weight`, e.g
 OSEDiff); we apply whatever is there. `state_dict_time_adaptive` is the DTSM (see models/dtsm.py).
 
 Modules a target list names but the file has no weights for keep PEFT's initial B = 0 in the
-release, i.e. no change, so they are not an error here. LoRA is merged statically into the weights.
+release, i.e. no change, so they are not an error here. LoRA is merged statically into the weights
+(or, for a host that applies weight patches itself, handed over unmerged: `defer`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .lora import (
     LoRAAdapter,
     LoRAFormatError,
     LoRAPair,
+    WeightPatches,
     merge_adapters,
     replace_parameters,
     split_peft_state_dict,
@@ -153,9 +155,12 @@ def _check_modules_exist(model: nn.Module, names: Iterable[str], what: str) -> N
         )
 
 
-def apply_hero_sr(unet: nn.Module, vae: nn.Module, weights: HeroSRWeights) -> TimeStepSelector:
+def apply_hero_sr(unet: nn.Module, vae: nn.Module, weights: HeroSRWeights,
+                  defer: dict[str, WeightPatches] | None = None) -> TimeStepSelector:
     """Write the trained base tensors, merge the LoRA adapters into `unet`/`vae` (new tensors, the
-    originals are not mutated) and return the DTSM, in eval mode, on the UNet's device in float32."""
+    originals are not mutated) and return the DTSM, in eval mode, on the UNet's device in float32.
+    With `defer` ({"unet": {}, "vae": {}}), the LoRA is checked and collected there as weight patches
+    instead of merged (a host applies it at load time)."""
     for model, adapters, trained, what in (
         (unet, weights.unet_adapters, weights.unet_trained, "UNet"),
         (vae, weights.vae_adapters, weights.vae_trained, "VAE"),
@@ -164,8 +169,8 @@ def apply_hero_sr(unet: nn.Module, vae: nn.Module, weights: HeroSRWeights) -> Ti
         _check_modules_exist(model, trained, what)
     dtsm = load_dtsm_state(weights.dtsm_state)
     replace_parameters(unet, weights.unet_trained, what="UNet")
-    merge_adapters(unet, weights.unet_adapters, what="UNet")
+    merge_adapters(unet, weights.unet_adapters, what="UNet", defer=None if defer is None else defer["unet"])
     replace_parameters(vae, weights.vae_trained, what="VAE")
-    merge_adapters(vae, weights.vae_adapters, what="VAE")
+    merge_adapters(vae, weights.vae_adapters, what="VAE", defer=None if defer is None else defer["vae"])
     device = next(unet.parameters()).device
     return dtsm.to(device=device, dtype=torch.float32)

@@ -113,29 +113,62 @@ def resolve_modules(model: nn.Module, names: Iterable[str], what: str) -> dict[s
     return {name: modules[name] for name in names}
 
 
-def merge_adapters(model: nn.Module, adapters: Iterable[LoRAAdapter], what: str = "UNet") -> int:
-    """Merge the adapters into `model`'s weights; returns the number of layers changed.
+@dataclass
+class WeightPatch:
+    """A static low-rank update of one weight, W + scale * up @ down, kept unmerged.
+
+    A host that manages weights itself (ComfyUI's ModelPatcher) applies it on the device at load
+    time, so the base tensors stay shared with the host instead of being copied into merged ones."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+
+WeightPatches = dict[str, list[WeightPatch]]  # "<module>.weight" -> updates, in order
+
+
+def adapter_patches(model: nn.Module, adapters: Iterable[LoRAAdapter], what: str = "UNet") -> WeightPatches:
+    """The adapters as per-weight patches, checked against `model` (names and shapes) but not applied."""
+    patches: WeightPatches = {}
+    for adapter in adapters:
+        found = resolve_modules(model, adapter.pairs, what)
+        for name, pair in adapter.pairs.items():
+            _check_pair_fits(name, found[name], pair)
+            patches.setdefault(f"{name}.weight", []).append(WeightPatch(pair.down, pair.up, adapter.scale))
+    return patches
+
+
+def merge_patches(model: nn.Module, patches: WeightPatches) -> int:
+    """Merge per-weight patches into `model`; returns the number of weights changed.
 
     Weights are replaced by new tensors rather than updated in place, so a base whose tensors are
     shared with someone else (ComfyUI's own loaded checkpoint) is never modified.
     """
-    totals: dict[str, torch.Tensor] = {}
-    layers: dict[str, nn.Module] = {}
-    for adapter in adapters:
-        found = resolve_modules(model, adapter.pairs, what)
-        for name, pair in adapter.pairs.items():
-            layer = found[name]
-            _check_pair_fits(name, layer, pair)
-            delta = lora_delta(pair, adapter.scale, layer.weight.shape).to(layer.weight.device)
-            totals[name] = totals[name] + delta if name in totals else delta
-            layers[name] = layer
-    for name, delta in totals.items():
-        layer = layers[name]
+    for key, updates in patches.items():
+        module_name, _, attr = key.rpartition(".")
+        layer = model.get_submodule(module_name)
+        weight = getattr(layer, attr)
+        delta = None
+        for update in updates:
+            term = lora_delta(LoRAPair(update.down, update.up), update.scale, weight.shape).to(weight.device)
+            delta = term if delta is None else delta + term
         # Kept in float32: a base stored in fp16 must not round the merged weight before the caller
         # picks the run precision (model.to(dtype) casts once), or fp32 runs would differ by source.
-        merged = layer.weight.detach().float() + delta
-        layer.weight = nn.Parameter(merged, requires_grad=False)
-    return len(totals)
+        setattr(layer, attr, nn.Parameter(weight.detach().float() + delta, requires_grad=False))
+    return len(patches)
+
+
+def merge_adapters(model: nn.Module, adapters: Iterable[LoRAAdapter], what: str = "UNet",
+                   defer: WeightPatches | None = None) -> int:
+    """Merge the adapters into `model`'s weights (new tensors; see merge_patches); returns the number
+    of layers changed. With `defer`, the checked patches are added to that dict instead of merged."""
+    patches = adapter_patches(model, adapters, what)
+    if defer is None:
+        return merge_patches(model, patches)
+    for key, updates in patches.items():
+        defer.setdefault(key, []).extend(updates)
+    return len(patches)
 
 
 def replace_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor], what: str = "UNet") -> None:

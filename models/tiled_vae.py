@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .device_memory import available_memory, free_cached_memory, is_out_of_memory
+from .device_memory import TORCH_MEMORY, MemoryProvider, is_out_of_memory
 from .vae_memory import forward_profile, lockstep_bytes, untiled_bytes
 from .vae_steps import Partial, Steps, combine_stats, decoder_steps, encoder_steps
 from .vae_tiles import Tile, TileGeometry, probe_grid, tile_grid
@@ -297,19 +297,20 @@ def untiled_memory_bytes(part: nn.Module, decoder: bool, n_images: int, height: 
 
 
 def _choose_mode(mode: str, part: nn.Module, decoder: bool, x: torch.Tensor, tile_batch: int,
-                 memory_budget: int | None) -> str:
+                 memory_budget: int | None, memory: MemoryProvider = TORCH_MEMORY) -> str:
     """auto: untiled when the model says it fits in the budget (it is exact and, holding no window
     overlap, never needs more than the exact tiled run), else estimated."""
     if mode not in NORM_STATS_MODES:
         raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode
+    needed = untiled_memory_bytes(part, decoder, x.shape[0], *x.shape[-2:], tile_batch, x.dtype)
     if memory_budget is None:
-        free = available_memory(x.device)
+        memory.make_room(x.device, int(needed / MEMORY_HEADROOM))
+        free = memory.available(x.device)
         if free is None:
             return "untiled"
         memory_budget = int(free * MEMORY_HEADROOM)
-    needed = untiled_memory_bytes(part, decoder, x.shape[0], *x.shape[-2:], tile_batch, x.dtype)
     return "untiled" if needed <= memory_budget else "estimated"
 
 
@@ -368,12 +369,13 @@ def _decoder_part(vae: nn.Module) -> _Part:
 
 def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch: int, norm_stats: str,
                    memory_budget: int | None, progress: ProgressFn | None,
-                   check_interrupt: InterruptFn | None) -> torch.Tensor:
+                   check_interrupt: InterruptFn | None, memory: MemoryProvider | None = None) -> torch.Tensor:
     """The part's output for x: untiled (one window per image) when x fits in one tile or auto finds
     the memory for it, else tiled with exact or estimated statistics."""
     height, width = x.shape[-2:]
     tiles = tile_grid(height, width, tile, pad, snap_multiple=part.multiple)
-    mode = _choose_mode(norm_stats, part.module, part.decoder, x, tile_batch, memory_budget)
+    memory = memory or TORCH_MEMORY
+    mode = _choose_mode(norm_stats, part.module, part.decoder, x, tile_batch, memory_budget, memory)
     if len(tiles) == 1:
         mode = "untiled"
     elif mode == "estimated" and x.shape[0] * len(tiles) <= max(tile_batch, PROBE_MAX_WINDOWS):
@@ -390,7 +392,7 @@ def _tiled_forward(part: _Part, x: torch.Tensor, tile: int, pad: int, tile_batch
         except Exception as error:  # retried below, outside the handler, so the failed run's tensors are freed
             if norm_stats != "auto" or len(tiles) == 1 or not is_out_of_memory(error):
                 raise
-        free_cached_memory(x.device)
+        memory.free_cached(x.device)
         log.warning("tiled VAE: out of memory untiled; retrying with estimated GroupNorm statistics, tiled")
         if x.shape[0] * len(tiles) <= max(tile_batch, PROBE_MAX_WINDOWS):
             return _run_lockstep(x, tiles, tile_batch, part.run, part.scale, part.n_norms, progress,
@@ -437,6 +439,7 @@ def encode_tiled(
     check_interrupt: InterruptFn | None = None,
     norm_stats: str = "auto",
     memory_budget: int | None = None,
+    memory: MemoryProvider | None = None,
 ) -> torch.Tensor:
     """Encode images in [-1, 1] (B, 3, H, W) to the encoder MOMENTS (B, 2*latent, H/8, W/8).
 
@@ -445,7 +448,8 @@ def encode_tiled(
     tile_px + 2*pad_px runs untiled (one window per image: the diffusers encoder's numbers up to float
     rounding, with less memory); larger ones follow `norm_stats` ("auto": untiled when the memory model
     says it fits, else "estimated"; "exact"; "estimated"; see the module docstring);
-    memory_budget (bytes) replaces the device's free memory in auto's choice. progress(done, total)
+    memory_budget (bytes) replaces the device's free memory in auto's choice; `memory` is where free
+    memory and cache release come from (default: PyTorch; ComfyUI injects its own). progress(done, total)
     counts tiles; check_interrupt() is called between steps and may raise.
     """
     part = _encoder_part(vae)
@@ -455,7 +459,7 @@ def encode_tiled(
         raise ValueError(f"encoder input {height}x{width} must have H and W divisible by {part.multiple}; "
                          "pad or crop it")
     return _quant(vae, _tiled_forward(part, x, tile_px, pad_px, tile_batch, norm_stats, memory_budget,
-                                      progress, check_interrupt))
+                                      progress, check_interrupt, memory))
 
 
 @torch.no_grad()
@@ -469,6 +473,7 @@ def decode_tiled(
     check_interrupt: InterruptFn | None = None,
     norm_stats: str = "auto",
     memory_budget: int | None = None,
+    memory: MemoryProvider | None = None,
 ) -> torch.Tensor:
     """Decode UNSCALED latents (already divided by the scaling factor) to images in [-1, 1].
 
@@ -478,4 +483,4 @@ def decode_tiled(
     part = _decoder_part(vae)
     z = _prepare_input(z, vae.decoder, "latent")
     return _tiled_forward(part, _post_quant(vae, z), tile_latent, pad_latent, tile_batch, norm_stats,
-                          memory_budget, progress, check_interrupt)
+                          memory_budget, progress, check_interrupt, memory)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.device_memory import MemoryProvider
+
 WEIGHTS_FOLDER = "onestep_sr"
 WEIGHTS_EXTENSIONS = {".pkl", ".pth", ".pt", ".safetensors", ".yaml", ".yml"}  # YAML: ResShift-family configs
 SAMPLE_INPUT = Path(__file__).resolve().parents[1] / "workflows" / "onestep_sr_sample.png"
@@ -159,6 +161,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def vae_dtype(device: torch.device, unet_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision on auto: bf16 where ComfyUI would run its own VAE in bf16 (so the tensors can be
+    shared with Load Checkpoint's VAE), else the UNet's (fp16 decodes that overflow are redone in fp32)."""
+    import comfy.model_management as mm
+
+    if unet_dtype != torch.float32 and getattr(mm, "should_use_bf16", None) and mm.should_use_bf16(device):
+        return torch.bfloat16
+    return unet_dtype
+
+
 class ModuleBundle(nn.Module):
     """One nn.Module holding a method's modules so ComfyUI loads and offloads them together.
 
@@ -172,24 +184,148 @@ class ModuleBundle(nn.Module):
         self.device = None
 
 
-def make_patcher(modules: dict[str, nn.Module]) -> Any:
-    import comfy.model_management
+BUNDLE_PREFIX = "parts."
+_PATCHER_CLASSES: dict[type, type] = {}  # ComfyUI ModelPatcher -> our subclass of it
+
+
+def reshare_weights(module: nn.Module, sources: dict[str, torch.Tensor]) -> int:
+    """Point parameters back at the host's tensors they were built from; returns how many moved.
+
+    Moving a module to the GPU and back (ComfyUI's unload) leaves each parameter holding a fresh host
+    copy, i.e. a second base in RAM beside the checkpoint ComfyUI keeps loaded. A parameter is re-pointed
+    only where device, dtype and shape equal the source's (a trained or re-cast weight is left alone)."""
+    moved = 0
+    for name, source in sources.items():
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            current = getattr(module.get_submodule(owner_name), attr)
+        except AttributeError:
+            continue
+        if (current is None or current.data_ptr() == source.data_ptr() or current.device != source.device
+                or current.dtype != source.dtype or current.shape != source.shape):
+            continue
+        current.data = source
+        moved += 1
+    return moved
+
+
+def _patcher_class() -> type:
+    """ComfyUI's ModelPatcher, re-sharing the base with ComfyUI's own tensors after every unpatch."""
     import comfy.model_patcher
 
+    base = comfy.model_patcher.ModelPatcher
+    if base not in _PATCHER_CLASSES:
+
+        class SharedBasePatcher(base):
+            shared_sources: dict[str, torch.Tensor] = {}
+
+            def unpatch_model(self, device_to=None, unpatch_weights=True):
+                result = super().unpatch_model(device_to, unpatch_weights)
+                if unpatch_weights:
+                    reshare_weights(self.model, self.shared_sources)
+                return result
+
+        _PATCHER_CLASSES[base] = SharedBasePatcher
+    return _PATCHER_CLASSES[base]
+
+
+def lora_patch(update: Any) -> Any:
+    """A WeightPatch as ComfyUI's own LoRA patch: (up, down, alpha) with alpha / rank = our scale."""
+    import comfy.weight_adapter
+
+    rank = update.down.shape[0]
+    return comfy.weight_adapter.LoRAAdapter(set(), (update.up, update.down, update.scale * rank, None, None, None))
+
+
+def make_patcher(modules: dict[str, nn.Module], weight_patches: dict[str, list] | None = None,
+                 host_patches: dict[str, list] | None = None, shared: dict[str, torch.Tensor] | None = None) -> Any:
+    """A ModelPatcher over our modules. weight_patches (static LoRA, "unet.<module>.weight" -> updates)
+    become ComfyUI LoRA patches, applied on the load device at load time; host_patches (same keys, ComfyUI
+    patch entries taken from the MODEL/CLIP, e.g. LoraLoader's) are carried over as they are; `shared`
+    maps parameter names to the host tensors they share (re-shared after each unload)."""
+    import comfy.model_management
+
     bundle = ModuleBundle(modules)
-    return comfy.model_patcher.ModelPatcher(
+    patcher = _patcher_class()(
         bundle,
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
+    patcher.shared_sources = {BUNDLE_PREFIX + name: tensor for name, tensor in (shared or {}).items()}
+    names = {name for name, _ in bundle.named_parameters()}
+    for key, entries in (host_patches or {}).items():
+        if BUNDLE_PREFIX + key not in names:
+            raise ValueError(f"a MODEL/CLIP patch was mapped to {key}, which our modules do not have")
+        patcher.patches.setdefault(BUNDLE_PREFIX + key, []).extend(entries)
+    depth = max((len(updates) for updates in (weight_patches or {}).values()), default=0)
+    for index in range(depth):  # add_patches takes one patch per key and call
+        layer = {BUNDLE_PREFIX + key: lora_patch(updates[index])
+                 for key, updates in weight_patches.items() if index < len(updates)}
+        added = patcher.add_patches(layer)
+        if len(added) != len(layer):
+            raise ValueError(f"{len(layer) - len(added)} LoRA patches name weights our modules do not have")
+    return patcher
 
 
 def load_to_device(patcher: Any) -> torch.device:
-    """Let ComfyUI make room and move the modules (fully: our layers are not comfy.ops layers)."""
+    """Let ComfyUI make room and move the modules, applying the patches on the device. Fully: our layers
+    are diffusers/torch layers, not comfy.ops ones, so ComfyUI cannot stream them (partial loading)."""
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     return patcher.load_device
+
+
+def unload(patcher: Any) -> None:
+    """Take one model off its load device now (unpatched, back on the offload device) and release the
+    cache, through ComfyUI's own bookkeeping; a no-op when it is not loaded."""
+    import comfy.model_management as mm
+
+    for index, loaded in enumerate(list(mm.current_loaded_models)):
+        if loaded.model is patcher:
+            mm.current_loaded_models.pop(index).model_unload()
+            break
+    mm.soft_empty_cache()
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """fp16/bf16 where ComfyUI would use them on `device`, else fp32 (the CPU: fp16 math is slow there)."""
+    import comfy.model_management as mm
+
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    if mm.should_use_fp16(device):
+        return torch.float16
+    if getattr(mm, "should_use_bf16", None) and mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float32
+
+
+def text_encoder_placement(patcher: Any, keep: tuple[Any, ...] = ()) -> Callable[[], Any]:
+    """The text encoder's placement for OneStepModel: loaded (with its patches) onto ComfyUI's device for
+    one encoding, in that device's compute precision, then unloaded at once (embeddings are cached).
+    `keep`: patchers loaded in the same call, so making room for the text encoder cannot leave them
+    unloaded (the UNet/VAE, loaded before the prompt is encoded)."""
+    import comfy.model_management
+
+    @contextmanager
+    def placement() -> Iterator[torch.device]:
+        comfy.model_management.load_models_gpu([patcher, *keep], force_full_load=True)
+        device = patcher.load_device
+        module = patcher.model
+        stored = next(module.parameters()).dtype
+        wanted = compute_dtype(device)
+        try:
+            if wanted != stored:
+                module.to(wanted)
+            yield device
+        finally:
+            unload(patcher)
+            if wanted != stored:
+                module.to(stored)
+                reshare_weights(module, patcher.shared_sources)
+
+    return placement
 
 
 def progress_bar(total: int) -> Callable[[int, int], None]:
@@ -205,10 +341,31 @@ def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def free_memory() -> None:
-    import comfy.model_management
+class ComfyMemory(MemoryProvider):
+    """Free memory, room-making and cache release through comfy.model_management: honours
+    `--reserve-vram`, evicts other loaded models (never ours) and uses soft_empty_cache."""
 
-    comfy.model_management.soft_empty_cache()
+    def __init__(self, keep: tuple[Any, ...] = ()):
+        self.keep = keep
+
+    def available(self, device: torch.device | str) -> int | None:
+        import comfy.model_management as mm
+
+        return max(0, int(mm.get_free_memory(torch.device(device))) - int(mm.extra_reserved_memory()))
+
+    def make_room(self, device: torch.device | str, needed: int) -> None:
+        import comfy.model_management as mm
+
+        device = torch.device(device)
+        if device.type == "cpu":  # as ComfyUI: models are never evicted for CPU memory
+            return
+        keep = [loaded for loaded in mm.current_loaded_models if any(loaded.model is p for p in self.keep)]
+        mm.free_memory(needed + mm.extra_reserved_memory(), device, keep_loaded=keep)
+
+    def free_cached(self, device: torch.device | str) -> None:
+        import comfy.model_management as mm
+
+        mm.soft_empty_cache()
 
 
 def comfy_base_state(model: Any, clip: Any, vae: Any) -> dict[str, Any]:
@@ -239,12 +396,12 @@ def model_prediction(model: Any) -> str:
     return PREDICTION_NAMES.get(name, name.lower())
 
 
-def patch_count(patcher: Any) -> int:
-    """How many weights carry ComfyUI patches (LoraLoader and friends) on a MODEL or CLIP."""
+def patches_of(patcher: Any) -> dict[str, list]:
+    """The weight patches (LoraLoader and friends) on a MODEL or on a CLIP's patcher: key -> entries."""
     patches = getattr(patcher, "patches", None)
     if patches is None:
         patches = getattr(getattr(patcher, "patcher", None), "patches", None)
-    return len(patches or {})
+    return dict(patches or {})
 
 
 def show_text(node_id: str | None, text: str) -> None:

@@ -23,8 +23,12 @@ DEGRADATION_INPUT = f"{DEGRADATION_TYPE},SR_DEGRADATION"
 class OneStepHandle:
     model: OneStepModel
     patcher: Any
+    text_patcher: Any = None  # the text encoder's own patcher: on the device only while it encodes
+    compile: bool = False  # torch.compile the UNet (Load OneStep SR's option)
 
     def pipeline(self) -> OneStepPipeline:
-        """Bring the modules onto ComfyUI's device (offloading others if needed) and wrap them."""
+        """Bring the modules onto ComfyUI's device (offloading others if needed) and wrap them; free
+        memory and cache release go through ComfyUI, the result stays on its intermediate device."""
         device = comfy.load_to_device(self.patcher)
-        return OneStepPipeline(self.model, torch.device(device))
+        return OneStepPipeline(self.model, torch.device(device), memory=comfy.ComfyMemory((self.patcher,)),
+                               output_device=comfy.intermediate_device(), compile=self.compile)

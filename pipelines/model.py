@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..models.base_models import BaseModels
 from ..models.hero_weights import apply_hero_sr, parse_hero_sr
-from ..models.lora import merge_adapters, replace_parameters
+from ..models.lora import WeightPatch, merge_adapters, merge_patches, replace_parameters
 from ..models.method_weights import detect_method, parse_osediff
 from ..models.modulated_lora import set_modulation
 from ..models.s3diff_weights import apply_s3diff, parse_s3diff
@@ -39,6 +40,11 @@ class OneStepModel:
     dtsm: nn.Module | None = None  # Hero-SR: picks t per image
     modulator: nn.Module | None = None  # S3Diff: degradation scores -> per-block LoRA matrices
     degradation_estimator: nn.Module | None = None  # S3Diff: de_net
+    # Static LoRA not merged ("unet.<module>.weight" -> updates): a host applies it at load time.
+    weight_patches: dict[str, list[WeightPatch]] = field(default_factory=dict, repr=False)
+    # Where the text encoder runs: a context manager giving the device (the host moves it there and
+    # back); None: wherever its weights are.
+    text_encoder_placement: Callable[[], Any] | None = field(default=None, repr=False)
 
     @property
     def scaling_factor(self) -> float:
@@ -53,12 +59,30 @@ class OneStepModel:
             named["text_encoder"] = self.text_encoder
         return named
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OneStepModel:
-        """Move every module; the text encoder always runs in fp32 (once per prompt, cached), so a
-        prompt gives the same embedding whatever precision the base file or host stored it in."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           text_dtype: torch.dtype | None = torch.float32, vae_dtype: torch.dtype | None = None) -> OneStepModel:
+        """Move every module; the UNet in `dtype`, the VAE in `vae_dtype` (default: `dtype`; see
+        pipelines/speed.auto_vae_dtype). The text encoder runs in fp32 by default (once per prompt, cached),
+        so a prompt gives the same embedding whatever precision the base file stored it in. text_dtype None
+        leaves its precision as it is (a host that shares the weights casts for the run itself)."""
         for name, module in self.modules().items():
-            module.to(device=device, dtype=dtype if name in ("unet", "vae") else torch.float32)
+            if name == "unet":
+                module.to(device=device, dtype=dtype)
+            elif name == "vae":
+                module.to(device=device, dtype=vae_dtype or dtype)
+            elif name == "text_encoder":
+                module.to(device=device, dtype=text_dtype)
+            else:
+                module.to(device=device, dtype=torch.float32)
         return self
+
+    def merge_weight_patches(self) -> None:
+        """Merge deferred static LoRA into the weights (as loading without deferral would have)."""
+        parts = {"unet": self.unet, "vae": self.vae}
+        for part, module in parts.items():
+            prefix = part + "."
+            merge_patches(module, {k[len(prefix):]: v for k, v in self.weight_patches.items() if k.startswith(prefix)})
+        self.weight_patches = {}
 
     def estimate_degradation(self, images: torch.Tensor) -> torch.Tensor:
         """S3Diff's de_net on images (B, 3, H, W) in [0, 1] at input size: (B, 2) = (blur, noise)."""
@@ -106,25 +130,31 @@ class OneStepModel:
         length = int(self.text_encoder.config.max_position_embeddings)
         ids = self.tokenizer(prompt, max_length=length, padding="max_length", truncation=True,
                              return_tensors="pt").input_ids
-        encoder_device = next(self.text_encoder.parameters()).device
-        embeds = self.text_encoder(ids.to(encoder_device))[0].float()
-        self.prompt_cache[prompt] = embeds.cpu()
+        placement = self.text_encoder_placement or (lambda: nullcontext(next(self.text_encoder.parameters()).device))
+        with placement() as encoder_device:
+            embeds = self.text_encoder(ids.to(encoder_device))[0].float().cpu()
+        self.prompt_cache[prompt] = embeds
         return embeds.to(device)
 
 
 def apply_method_weights(base: BaseModels, data: dict, method_name: str, filename: str,
-                         de_net_path: str | Path | None = None) -> OneStepModel:
-    """Apply a method's weights to the base modules (which become the model's own)."""
+                         de_net_path: str | Path | None = None, defer_lora: bool = False) -> OneStepModel:
+    """Apply a method's weights to the base modules (which become the model's own).
+
+    defer_lora: keep the static LoRA (OSEDiff, Hero-SR) as `weight_patches` instead of merging it, so
+    the base tensors stay shared with a host that applies patches at load time (ComfyUI). S3Diff's
+    LoRA is modulated per image by the degradation scores: it is never a static patch."""
     method = get_method(method_name)
     if method.base_kind == "sd_turbo" and base.source and "turbo" not in Path(base.source).name.lower():
         log.warning(
             "%s was trained on SD-Turbo; the base %s does not look like SD-Turbo. It has the same architecture "
             "and will run, but results may be worse.", method.display_name, Path(base.source).name or base.source)
+    deferred: dict[str, dict[str, list[WeightPatch]]] = {"unet": {}, "vae": {}}
     if method.name == "osediff":
         weights = parse_osediff(data, filename)
         replace_parameters(base.unet, weights.unet_trained)
-        merge_adapters(base.unet, weights.unet_adapters, what="UNet")
-        merge_adapters(base.vae, weights.vae_adapters, what="VAE")
+        merge_adapters(base.unet, weights.unet_adapters, what="UNet", defer=deferred["unet"] if defer_lora else None)
+        merge_adapters(base.vae, weights.vae_adapters, what="VAE", defer=deferred["vae"] if defer_lora else None)
     extras: dict[str, nn.Module] = {}
     if method.name == "s3diff":
         if de_net_path is None:
@@ -134,16 +164,19 @@ def apply_method_weights(base: BaseModels, data: dict, method_name: str, filenam
         extras["degradation_estimator"] = load_degradation_estimator(de_net_path)
         extras["modulator"] = apply_s3diff(base.unet, base.vae, parse_s3diff(data, filename))
     if method.name == "hero_sr":
-        extras["dtsm"] = apply_hero_sr(base.unet, base.vae, parse_hero_sr(data, filename))
+        extras["dtsm"] = apply_hero_sr(base.unet, base.vae, parse_hero_sr(data, filename),
+                                       defer=deferred if defer_lora else None)
     return OneStepModel(
         method=method, unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
         weights_name=filename, **extras,
+        weight_patches={f"{part}.{key}": updates for part, found in deferred.items() for key, updates in found.items()},
     )
 
 
 def load_onestep_model(base: BaseModels | Callable[[], BaseModels] | None, weights_path: str | Path,
                        method: str = "auto", de_net_path: str | Path | None = None,
-                       autoencoder_path: str | Path | None = None, model_config: str | Path | None = None):
+                       autoencoder_path: str | Path | None = None, model_config: str | Path | None = None,
+                       defer_lora: bool = False):
     """Read a method weights file, check it is the method asked for, and build the model.
 
     SD methods apply the file to `base` (a BaseModels, or a callable that loads it, given the
@@ -174,4 +207,4 @@ def load_onestep_model(base: BaseModels | Callable[[], BaseModels] | None, weigh
                                "Stable Diffusion 2.x base (--base / the base input)")
     if found == "s3diff" and de_net_path is None:
         de_net_path = path.parent / "de_net.pth"
-    return apply_method_weights(base, data, found, path.name, de_net_path)
+    return apply_method_weights(base, data, found, path.name, de_net_path, defer_lora=defer_lora)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..models.device_memory import free_cached_memory, is_out_of_memory
+from ..models.device_memory import TORCH_MEMORY, MemoryProvider, is_out_of_memory
 from ..models.schedule import x0_from_eps
 from ..models.tiled_vae import decode_tiled, encode_tiled, tile_grid
+from . import speed
 from .channels import merge_channels, split_channels
 from .color_fix import color_fix
 from .geometry import ResizePlan, apply_resize_plan, crop_to, plan_resize, reflect_pad_to_multiple
@@ -114,12 +115,23 @@ class _TileCounter:
 class OneStepPipeline:
     """Runs a loaded OneStepModel on image batches."""
 
-    def __init__(self, model: OneStepModel, device: torch.device | str = "cpu"):
+    def __init__(self, model: OneStepModel, device: torch.device | str = "cpu", memory: MemoryProvider | None = None,
+                 output_device: torch.device | str = "cpu", channels_last: bool | None = None, compile: bool = False):
+        """channels_last None: on where it pays (CUDA); compile: torch.compile the UNet (see pipelines/speed)."""
         self.model = model
         self.device = torch.device(device)
+        self.channels_last = False
+        if model.method.backbone == "sd":
+            self.channels_last = speed.use_channels_last(self.device) if channels_last is None else channels_last
+            if self.channels_last:
+                speed.to_channels_last(model.unet, model.vae)
+            if compile:
+                speed.compile_unet(model.unet)
+        self.memory = memory or TORCH_MEMORY  # free memory / cache release: PyTorch's, or the host's
+        self.output_device = torch.device(output_device)  # where the result goes (ComfyUI's intermediate device)
         # The backbone seam: the SD one-step path is this class itself; others come from the
         # method's description (pipelines/resshift.py for ResShift, SinSR and HF-Diff).
-        self.backbone = self if model.method.backbone == "sd" else _backbone(model, self.device)
+        self.backbone = self if model.method.backbone == "sd" else _backbone(model, self.device, self.memory)
 
     # -- settings -------------------------------------------------------------------------------
     def resolve(self, settings: UpscaleSettings) -> UpscaleSettings:
@@ -157,7 +169,7 @@ class OneStepPipeline:
     def __call__(
         self, images: torch.Tensor, settings: UpscaleSettings | None = None, hooks: RunHooks | None = None
     ) -> torch.Tensor:
-        """Upscale a batch (B, H, W, C) in [0, 1]; returns (B, H', W', C) float32 on the CPU."""
+        """Upscale a batch (B, H, W, C) in [0, 1]; returns (B, H', W', C) float32 on the output device."""
         settings = self.resolve(settings or UpscaleSettings())
         validate_settings(settings)
         hooks = hooks or RunHooks()
@@ -175,7 +187,8 @@ class OneStepPipeline:
         if parts.alpha is not None:
             alpha = resize_image(parts.alpha.to(self.device), out_hw, self.model.method.upscale_filter).clamp(0, 1)
         result = merge_channels(restored, alpha, parts.grayscale)
-        return result.permute(0, 2, 3, 1).float().cpu()
+        # channels-last on the device, then one transfer (no strided copy across the bus)
+        return result.float().permute(0, 2, 3, 1).contiguous().to(self.output_device)
 
     # -- the SD backbone --------------------------------------------------------------------------
     def prepare(self, rgb: torch.Tensor, plan: ResizePlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +242,7 @@ class OneStepPipeline:
                         return torch.cat([self.restore(x[i : i + 1], settings, conditions.select(i), hooks)
                                           for i in range(x.shape[0])])
                     raise
-                free_cached_memory(self.device)
+                self.memory.free_cached(self.device)
                 hooks.warn(
                     f"out of memory; retrying with smaller tiles (latent {smaller.latent_tile}, "
                     f"VAE encoder {smaller.vae_encoder_tile}px, VAE decoder {smaller.vae_decoder_tile})"
@@ -244,6 +257,8 @@ class OneStepPipeline:
         original_hw = tuple(x.shape[-2:])
         if method.pad_multiple > 1:
             x = (reflect_pad_to_multiple(x * 2 - 1, method.pad_multiple)[0] + 1) / 2
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         counter = self._tile_counter(x, settings, hooks)
 
         latent = self.encode(x, settings, conditions, hooks, counter.stage("encode")) * model.scaling_factor
@@ -267,7 +282,8 @@ class OneStepPipeline:
 
             return encode_tiled(vae, (images * 2 - 1).to(vae_dtype), tile_px=settings.vae_encoder_tile,
                                 pad_px=ENCODER_PAD_PX, tile_batch=settings.tile_batch, progress=report,
-                                check_interrupt=hooks.check_interrupt, norm_stats=settings.vae_norm_stats)
+                                check_interrupt=hooks.check_interrupt, norm_stats=settings.vae_norm_stats,
+                                memory=self.memory)
 
         if conditions.modulation is None:
             moments = run(x, 0)
@@ -313,13 +329,14 @@ class OneStepPipeline:
         image = decode_tiled(vae, z.to(vae_dtype), tile_latent=settings.vae_decoder_tile,
                              pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
                              progress=progress, check_interrupt=hooks.check_interrupt,
-                             norm_stats=settings.vae_norm_stats)
+                             norm_stats=settings.vae_norm_stats, memory=self.memory)
         if vae_dtype != torch.float32 and not torch.isfinite(image).all():
             hooks.warn("the VAE produced NaN/inf in reduced precision; decoding again in fp32 (the VAE stays fp32)")
             vae.to(torch.float32)
             image = decode_tiled(vae, z.float(), tile_latent=settings.vae_decoder_tile,
                                  pad_latent=DECODER_PAD_LATENT, tile_batch=settings.tile_batch,
-                                 check_interrupt=hooks.check_interrupt, norm_stats=settings.vae_norm_stats)
+                                 check_interrupt=hooks.check_interrupt, norm_stats=settings.vae_norm_stats,
+                                 memory=self.memory)
         return image
 
     def _latent_from_moments(self, moments: torch.Tensor, seed: int | None) -> torch.Tensor:
@@ -358,11 +375,11 @@ def resolve_settings(method: MethodSpec, settings: UpscaleSettings) -> UpscaleSe
     )
 
 
-def _backbone(model, device: torch.device):
+def _backbone(model, device: torch.device, memory: MemoryProvider):
     if model.method.backbone == "resshift":
         from .resshift import ResShiftBackbone
 
-        return ResShiftBackbone(model, device)
+        return ResShiftBackbone(model, device, memory)
     raise ValueError(f"unknown backbone {model.method.backbone!r} in the {model.method.display_name} description")
 
 

@@ -2,10 +2,12 @@
 
 The official test scripts resize PIL images (8-bit RGB) with Pillow, while S3Diff upsamples a
 tensor with `F.interpolate(mode="bilinear")`. Reproducing their outputs bit for bit means using
-the very same filters, so the "pil_*" filters call Pillow itself: on 8-bit data they go through
-Pillow's uint8 RGB path (its fixed-point arithmetic and rounding included), and on data that is
-not on the 1/255 grid they use Pillow's float32 ("F") path, which applies the same kernels without
-quantising. The plain names are fast torch paths that run on the tensor's device.
+the very same filters, so the "pil_*" filters compute exactly what Pillow computes: on 8-bit data
+Pillow's uint8 path (its fixed-point arithmetic and rounding included), on data that is not on the
+1/255 grid Pillow's float32 ("F") path, which applies the same kernels without quantising. Both run
+on the tensor's device (pipelines/pil_resample.py, checked against Pillow itself), so full-resolution
+images never travel to the host; MPS, which has no float64, sends float data to Pillow. The plain
+names are fast torch paths.
 
 Images are float tensors (B, C, H, W) in [0, 1].
 """
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from . import pil_resample
 
 PIL_FILTERS: dict[str, Image.Resampling] = {
     "pil_bicubic": Image.Resampling.BICUBIC,
@@ -39,37 +43,20 @@ def _grid_tolerance(dtype: torch.dtype) -> float:
     return _GRID_TOL
 
 
-def _as_uint8(x: torch.Tensor) -> np.ndarray | None:
-    """The (B, C, H, W) uint8 array when every value is k/255 (within tolerance), else None."""
-    scaled = x.detach().to(torch.float64 if x.device.type != "mps" else torch.float32) * 255.0
+def _as_uint8(x: torch.Tensor) -> torch.Tensor | None:
+    """The (B, C, H, W) uint8 tensor (on x's device) when every value is k/255 (within tolerance), else None.
+    Checked in float32 (float64 input: float64): k/255 in float32, times 255, lies within 3e-5 of k."""
+    scaled = x.detach().to(torch.promote_types(x.dtype, torch.float32)) * 255.0
     rounded = scaled.round()
     tol = _grid_tolerance(x.dtype)
-    on_grid = bool(((scaled - rounded).abs() <= tol).all())  # False if any NaN
-    if not on_grid:
+    on_grid = ((scaled - rounded).abs() <= tol).all() & (rounded >= 0).all() & (rounded <= 255).all()
+    if not bool(on_grid):  # False if any NaN; the one value that crosses to the host
         return None
-    if bool((rounded < 0).any()) or bool((rounded > 255).any()):
-        return None
-    return rounded.to(torch.uint8).cpu().numpy()
-
-
-def _resize_pil_uint8(x8: np.ndarray, size_hw: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    """Resize (B, C, H, W) uint8 with Pillow's 8-bit path, RGB images for C=3 like the official code."""
-    h, w = size_hw
-    b, c = x8.shape[:2]
-    out = np.empty((b, c, h, w), dtype=np.uint8)
-    for i in range(b):
-        if c == 3:
-            img = Image.fromarray(np.ascontiguousarray(x8[i].transpose(1, 2, 0)))  # mode RGB
-            out[i] = np.asarray(img.resize((w, h), resample)).transpose(2, 0, 1)
-        else:
-            for j in range(c):
-                img = Image.fromarray(np.ascontiguousarray(x8[i, j]))  # mode L
-                out[i, j] = np.asarray(img.resize((w, h), resample))
-    return out
+    return rounded.to(torch.uint8)
 
 
 def _resize_pil_float(x: torch.Tensor, size_hw: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    """Resize each channel as a Pillow "F" (float32) image: the same kernels, no quantisation."""
+    """Resize each channel as a Pillow "F" (float32) image with Pillow itself (devices without float64)."""
     h, w = size_hw
     arr = x.detach().to(torch.float32).cpu().numpy()
     b, c = arr.shape[:2]
@@ -109,9 +96,12 @@ def resize_image(x: torch.Tensor, size_hw: tuple[int, int], filter: str) -> torc
         resample = PIL_FILTERS[filter]
         if tuple(x.shape[-2:]) == (h, w):
             return x.clone()  # Pillow returns an unchanged copy for a same-size resize
+        name = filter.removeprefix("pil_")
         x8 = _as_uint8(x)
         if x8 is not None:
-            out = torch.from_numpy(_resize_pil_uint8(x8, (h, w), resample)).to(torch.float32) / 255.0
+            out = pil_resample.resize_uint8(x8, (h, w), name).to(torch.float32).div_(255.0)
+        elif pil_resample.supports_float(x.device):
+            out = pil_resample.resize_float(x, (h, w), name)
         else:
             out = torch.from_numpy(_resize_pil_float(x, (h, w), resample))
         return out.to(device=x.device, dtype=x.dtype)

@@ -84,9 +84,12 @@ def load_resshift_model(weights_path: str | Path, data: dict, method_name: str,
 class ResShiftBackbone:
     """plan / prepare / restore / smaller for the pipeline; images (B, 3, H, W) in [0, 1]."""
 
-    def __init__(self, model: ResShiftModel, device: torch.device):
+    def __init__(self, model: ResShiftModel, device: torch.device, memory=None):
+        from ..models.device_memory import TORCH_MEMORY
+
         self.model = model
         self.device = device
+        self.memory = memory or TORCH_MEMORY
 
     def plan(self, height: int, width: int, settings) -> ResizePlan:
         sf = self.model.config.diffusion.sf
@@ -141,7 +144,7 @@ class ResShiftBackbone:
 
     def run(self, original: torch.Tensor, x: torch.Tensor, settings, hooks) -> torch.Tensor:
         """restore(), retried with half the chop size after out-of-memory (as the SD path halves tiles)."""
-        from ..models.device_memory import free_cached_memory, is_out_of_memory
+        from ..models.device_memory import is_out_of_memory
 
         ignored = [name for name, value in (("prompt", settings.prompt), ("negative prompt", settings.negative_prompt),
                                             ("degradation", settings.degradation), ("timestep", settings.timesteps))
@@ -157,7 +160,7 @@ class ResShiftBackbone:
                 smaller = self.smaller(settings) if is_out_of_memory(error) else None
                 if smaller is None:
                     raise
-                free_cached_memory(self.device)
+                self.memory.free_cached(self.device)
                 hooks.warn(f"out of memory; retrying with {smaller.chop_size}-px LR patches")
                 settings = smaller
 

@@ -21,7 +21,8 @@ class InterruptProcessingException(Exception):
 def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespace:
     """Install fake modules into sys.modules; returns a namespace recording what nodes did."""
     state = types.SimpleNamespace(loaded=[], progress=[], interrupted=False, models_dir=root / "models",
-                                  ui_text=[])
+                                  ui_text=[], unloaded=[], free_memory_calls=[], free_memory_queries=[],
+                                  soft_empty_cache=0, free_bytes=1 << 40, reserved_bytes=0)
 
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(state.models_dir)
@@ -72,14 +73,43 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
     mm.unet_offload_device = lambda: torch.device("cpu")
     mm.intermediate_device = lambda: torch.device("cpu")
     mm.should_use_fp16 = lambda device=None: False
-    mm.soft_empty_cache = lambda force=False: None
+    mm.should_use_bf16 = lambda device=None: False
     mm.InterruptProcessingException = InterruptProcessingException
+    mm.current_loaded_models = []
+
+    def soft_empty_cache(force=False):
+        state.soft_empty_cache += 1
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        state.free_memory_queries.append(dev)
+        return (state.free_bytes, 0) if torch_free_too else state.free_bytes
+
+    def free_memory(memory_required, device, keep_loaded=()):
+        state.free_memory_calls.append((memory_required, device, [loaded.model for loaded in keep_loaded]))
+        return []
+
+    class LoadedModel:
+        def __init__(self, patcher):
+            self.model = patcher
+
+        def model_unload(self, memory_to_free=None, unpatch_weights=True):
+            self.model.detach(unpatch_weights)
+            state.unloaded.append(self.model)
+            return True
 
     def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                         force_full_load=False):
         for patcher in models:
-            patcher.model.to(patcher.load_device)
+            if not any(loaded.model is patcher for loaded in mm.current_loaded_models):
+                patcher.patch_model(patcher.load_device)
+                mm.current_loaded_models.insert(0, LoadedModel(patcher))
             state.loaded.append((patcher, force_full_load))
+
+    mm.soft_empty_cache = soft_empty_cache
+    mm.get_free_memory = get_free_memory
+    mm.extra_reserved_memory = lambda: state.reserved_bytes
+    mm.free_memory = free_memory
+    mm.LoadedModel = LoadedModel
 
     def throw_exception_if_processing_interrupted():
         if state.interrupted:
@@ -89,13 +119,85 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
     mm.load_models_gpu = load_models_gpu
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
 
+    weight_adapter = types.ModuleType("comfy.weight_adapter")
+
+    class LoRAAdapter:
+        """As ComfyUI's: weights = (up, down, alpha, mid, dora_scale, reshape); update (alpha / rank) up @ down."""
+
+        def __init__(self, loaded_keys, weights):
+            self.loaded_keys, self.weights = loaded_keys, weights
+
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                             intermediate_dtype=torch.float32, original_weight=None):
+            up, down, alpha = (self.weights[0].to(weight.device, intermediate_dtype),
+                               self.weights[1].to(weight.device, intermediate_dtype), self.weights[2])
+            scale = alpha / down.shape[0] if alpha is not None else 1.0
+            diff = torch.mm(up.flatten(start_dim=1), down.flatten(start_dim=1)).reshape(weight.shape)
+            return weight + ((strength * scale) * diff).type(weight.dtype)
+
+    weight_adapter.LoRAAdapter = LoRAAdapter
+
+    def calculate_weight(entries, weight, key):
+        """The part of comfy.lora.calculate_weight our patches use: adapters and ("diff", (tensor,))."""
+        for strength, value, strength_model, offset, function in entries:
+            assert offset is None and function is None
+            weight = weight * strength_model if strength_model != 1.0 else weight
+            if isinstance(value, LoRAAdapter):
+                weight = value.calculate_weight(weight, key, strength, strength_model, offset, function)
+            else:
+                kind, (diff,) = value if len(value) == 2 else ("diff", value)
+                assert kind == "diff"
+                weight = weight + strength * diff.to(weight)
+        return weight
+
     patcher_module = types.ModuleType("comfy.model_patcher")
 
     class ModelPatcher:
+        """What the real one does for fully loaded models: patches added by key, applied in float32 on the
+        load device at load time (the original kept as a backup), restored and moved back on unpatch."""
+
         def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            self.patches, self.backup = {}, {}
             if getattr(model, "device", None) is None:
                 model.device = offload_device  # the real one assigns this too
+
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            names = self.model.state_dict()
+            added = []
+            for key, value in patches.items():
+                if key in names:
+                    self.patches.setdefault(key, []).append((strength_patch, value, strength_model, None, None))
+                    added.append(key)
+            return added
+
+        def _set(self, key, tensor):
+            owner, _, attr = key.rpartition(".")
+            setattr(self.model.get_submodule(owner), attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+        def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
+            for key, entries in self.patches.items():
+                weight = self.model.get_parameter(key)
+                self.backup.setdefault(key, weight.to(self.offload_device))
+                patched = calculate_weight(entries, weight.to(device_to, torch.float32, copy=True), key)
+                self._set(key, patched.to(weight.dtype))
+            self.model.to(device_to)
+            self.model.device = device_to
+            return self.model
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            if unpatch_weights:
+                for key, weight in self.backup.items():
+                    self._set(key, weight)
+                self.backup.clear()
+                if device_to is not None:
+                    self.model.to(device_to)
+                    self.model.device = device_to
+
+        def detach(self, unpatch_all=True):
+            if unpatch_all:
+                self.unpatch_model(self.offload_device, unpatch_weights=unpatch_all)
+            return self.model
 
     patcher_module.ModelPatcher = ModelPatcher
 
@@ -131,9 +233,10 @@ def install(monkeypatch, root: Path, tokenizer_dir: Path) -> types.SimpleNamespa
     server.PromptServer = PromptServer
 
     comfy.model_management, comfy.model_patcher, comfy.utils, comfy.sd1_clip = mm, patcher_module, utils, sd1_clip
+    comfy.weight_adapter = weight_adapter
     for name, module in {"folder_paths": folder_paths, "comfy": comfy, "comfy.model_management": mm,
                          "comfy.model_patcher": patcher_module, "comfy.utils": utils, "comfy.sd1_clip": sd1_clip,
-                         "server": server}.items():
+                         "comfy.weight_adapter": weight_adapter, "server": server}.items():
         monkeypatch.setitem(sys.modules, name, module)
     state.folder_paths = folder_paths
     return state

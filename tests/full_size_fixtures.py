@@ -101,7 +101,7 @@ def ensure_full_size_weights(cache_dir: Path, seed: int = 0) -> tuple[Path, Path
 
 
 SD15_NAME = "sd15_zeros_v1_fp16.safetensors"
-LORA_NAME = "tiny_unet_lora_v1.safetensors"
+LORA_NAME = "tiny_unet_lora_v2.safetensors"  # v2: strong enough to change an 8-bit image
 # SD-1.5's UNet differs from SD-2.x's only in these (ComfyUI detects the family from the shapes)
 SD15_UNET_CHANGES = {"cross_attention_dim": 768, "attention_head_dim": 8, "use_linear_projection": False}
 SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
@@ -138,7 +138,7 @@ def ensure_sd15_checkpoint(cache_dir: Path) -> Path:
 
 def ensure_unet_lora(cache_dir: Path) -> Path:
     """A small kohya-format LoRA on one SD-2 UNet layer (proj_in of the first attention block), for
-    LoraLoader: it patches the MODEL, which Load OneStep SR must not drop silently."""
+    LoraLoader: it patches the MODEL, and Load OneStep SR must apply it (the upscaled image changes)."""
     from safetensors.torch import save_file
 
     path = Path(cache_dir) / LORA_NAME
@@ -146,8 +146,8 @@ def ensure_unet_lora(cache_dir: Path) -> Path:
         return path
     generator = torch.Generator().manual_seed(7)
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    state = {f"{key}.lora_down.weight": torch.randn(4, 320, generator=generator) * 0.01,
-             f"{key}.lora_up.weight": torch.randn(320, 4, generator=generator) * 0.01,
+    state = {f"{key}.lora_down.weight": torch.randn(4, 320, generator=generator) * 0.5,
+             f"{key}.lora_up.weight": torch.randn(320, 4, generator=generator) * 0.5,
              f"{key}.alpha": torch.tensor(4.0)}
     _atomic_write(path, lambda target: save_file(state, str(target)))
     return path

@@ -1,6 +1,6 @@
 """Wrong bases are refused with one line on every path: ComfyUI's MODEL/CLIP/VAE (Load Checkpoint's
 outputs, faked), a single file and a diffusers folder; v-prediction SD-2.x too. LoRA patches on the MODEL
-(LoraLoader) give a warning shown in the UI."""
+and CLIP (LoraLoader) are applied to the one-step model."""
 
 from __future__ import annotations
 
@@ -96,14 +96,28 @@ def test_v_prediction_model_is_refused_naming_the_file(comfy, tiny_base):
     assert message.endswith("SD-2.1-base (v2-1_512-ema-pruned.safetensors)")  # osediff.pkl needs SD-2.1-base
 
 
-def test_epsilon_model_with_lora_patches_loads_and_warns_in_the_ui(comfy, tiny_configs, tiny_base):
-    patches = {"diffusion_model.input_blocks.1.1.proj_in.weight": [("lora", 1.0)]}
-    outputs = fake_comfy.checkpoint_outputs(*_tiny_comfy_states(tiny_base), model_patches=patches)
+def test_lora_patches_on_the_model_and_clip_count(comfy, tiny_configs, tiny_base):
+    """LoraLoader's patches (here "diff" patches) on the MODEL and CLIP are applied to our modules at load
+    time, on the weights built from those very tensors; no warning."""
+    unet, vae, clip = _tiny_comfy_states(tiny_base)
+    unet_key = "input_blocks.1.1.norm.weight"  # not an OSEDiff LoRA target
+    clip_key = next(k for k in clip if k.endswith("layers.0.self_attn.q_proj.weight"))
+    unet_diff = torch.full_like(unet[unet_key], 0.25)
+    clip_diff = torch.full_like(clip[clip_key], -0.5)
+    outputs = fake_comfy.checkpoint_outputs(
+        unet, vae, clip, model_patches={"diffusion_model." + unet_key: [(1.0, ("diff", (unet_diff,)), 1.0, None, None)]},
+        clip_patches={clip_key: [(2.0, ("diff", (clip_diff,)), 1.0, None, None)]})
     (handle,) = _load_from_inputs(outputs)
-    assert handle.model.method.name == "osediff"
-    assert comfy.ui_text, "the warning reaches the node's UI text"
-    node_id, text = comfy.ui_text[-1]
-    assert node_id == "7" and "the MODEL (1 patched weights)" in text and "not applied" in text
+    assert comfy.ui_text == []
+    norm = handle.model.unet.down_blocks[0].attentions[0].norm
+    assert norm.weight.data_ptr() == unet[unet_key].data_ptr()  # shared until loaded
+    handle.pipeline()  # loads the main patcher: LoRA patches applied
+    torch.testing.assert_close(norm.weight, unet[unet_key] + unet_diff, rtol=0, atol=0)
+    q_name = next(n for n, _ in handle.model.text_encoder.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    q_proj = handle.model.text_encoder.get_submodule(q_name)
+    with handle.model.text_encoder_placement():
+        torch.testing.assert_close(q_proj.weight, clip[clip_key] + 2.0 * clip_diff, rtol=0, atol=0)
+    assert q_proj.weight.data_ptr() == clip[clip_key].data_ptr()  # unloaded: the shared tensor again
 
 
 def test_unpatched_model_gives_no_warning(comfy, tiny_configs, tiny_base):

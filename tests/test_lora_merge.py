@@ -151,3 +151,37 @@ def test_prompt_pads_to_the_text_encoders_length(tiny_base_dir, osediff_pkl):
     model = load_onestep_model(load_diffusers_base(tiny_base_dir), osediff_pkl[0])
     model.tokenizer.model_max_length = 8192
     assert model.encode_prompt("a long prompt", torch.device("cpu")).shape[1] == 77
+
+
+def test_deferred_patches_merge_to_the_same_weights(tiny_base, osediff_pkl, hero_pkl_for_lora):
+    """defer_lora keeps the static LoRA as weight patches (for ComfyUI's ModelPatcher); merging them later
+    gives bit-for-bit the weights of loading merged, for OSEDiff and Hero-SR, and leaves the base tensors
+    untouched until then."""
+    from onestep_sr.models.base_models import BaseModels
+    from onestep_sr.pipelines.model import apply_method_weights
+
+    for path, method in ((osediff_pkl[0], "osediff"), (hero_pkl_for_lora, "hero_sr")):
+        data = read_weights_file(path)
+        merged, deferred = (apply_method_weights(
+            BaseModels(copy.deepcopy(tiny_base.unet), copy.deepcopy(tiny_base.vae), None, None), data, method,
+            path.name, defer_lora=defer) for defer in (False, True))
+        assert merged.weight_patches == {} and deferred.weight_patches
+        assert {key.split(".")[0] for key in deferred.weight_patches} == {"unet", "vae"}
+        lora_weight = next(k for k in deferred.weight_patches if k != "unet.conv_in.weight")
+        _, _, name = lora_weight.partition(".")
+        part = deferred.unet if lora_weight.startswith("unet.") else deferred.vae
+        base_part = tiny_base.unet if lora_weight.startswith("unet.") else tiny_base.vae
+        assert torch.equal(part.get_parameter(name), base_part.get_parameter(name))  # not merged yet
+        deferred.merge_weight_patches()
+        for ours, theirs in ((deferred.unet, merged.unet), (deferred.vae, merged.vae)):
+            for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+                assert torch.equal(a, b), f"{method}: {name}"
+
+
+@pytest.fixture(scope="module")
+def hero_pkl_for_lora(tmp_path_factory, tiny_base):
+    import synthetic_hero
+
+    path = tmp_path_factory.mktemp("hero_lora") / "hero_sr_model.pkl"
+    synthetic_hero.write_hero_pkl(tiny_base, path)
+    return path

@@ -14,7 +14,9 @@ What it does:
     (converted from the UI format with tests/workflow_api.py) through /prompt and checks the saved images;
   * compares the ComfyUI result with the command line (`onestep-sr upscale`) on the same input and settings;
   * wires an SD-1.5-shaped checkpoint (zeros) into Load OneStep SR and checks /history holds the one-line
-    message, and a LoraLoader-patched MODEL (a tiny LoRA) and checks the load works and warns;
+    message, and upscales through a LoraLoader-patched MODEL (a small LoRA) and checks the LoRA counts;
+  * measures the server's host RSS with only ComfyUI's checkpoint loaded, after the pack's run and after
+    ComfyUI unloads models, and checks the pack keeps one base (no second copy of the checkpoint);
   * checks ComfyUI's /workflow_templates lists the shipped workflows and serves their thumbnails, and that the
     pack's frontend extension is served.
   * runs the HF-Diff workflow on tiny ResShift-family files (published key layout, an official-format YAML
@@ -192,11 +194,28 @@ class ComfyServer:
         self.post("/interrupt", {})
         pytest.fail(f"workflow did not finish within {timeout:.0f} s; log tail:\n{self.log_tail()}")
 
-    def free(self) -> None:
-        """Ask ComfyUI to drop its cached node outputs and loaded models (full-size models are big)."""
+    def free(self, cached_outputs: bool = True) -> None:
+        """Ask ComfyUI to unload its loaded models and (cached_outputs) drop its cached node outputs too."""
         if self.process.poll() is None:
-            self.post("/free", {"unload_models": True, "free_memory": True})
+            self.post("/free", {"unload_models": True, "free_memory": cached_outputs})
             time.sleep(2)  # handled by the prompt worker between queue items
+
+    def memory(self) -> tuple[int, int]:
+        """(current, peak) resident memory of the server process in bytes (Linux /proc)."""
+        fields = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+        return fields["VmRSS"], fields["VmHWM"]
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def settled_memory(self, wait: float = 14.0) -> int:
+        """RSS once the prompt worker's periodic gc (every 10 s after a run or /free) has had its turn."""
+        time.sleep(wait)
+        return self.memory()[0]
 
     def saved_image(self, entry: dict, save_node: int) -> Path:
         images = entry["outputs"][str(save_node)]["images"]
@@ -329,9 +348,12 @@ def comfy(layout, request, tmp_path_factory):
     server = None
     link.symlink_to(REPO_ROOT, target_is_directory=True)
     try:
+        # A fixed mmap threshold: glibc returns every freed allocation of 1 MiB or more to the OS at once, so
+        # the server's RSS shows what is held, not what the heap happens to keep (the memory test reads it).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, cwd=COMFY_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, env=env)
         server = ComfyServer(process, f"http://127.0.0.1:{port}", log_path, layout["output"], folder)
         started = time.monotonic()
         server.wait_ready(STARTUP_TIMEOUT_S)
@@ -495,19 +517,83 @@ def test_sd15_checkpoint_gives_a_one_line_message(comfy, weights):
                             "for OSEDiff, SD-Turbo for S3Diff/Hero-SR)"), message
 
 
-def test_lora_patched_model_loads_with_a_warning(comfy, weights):
-    checkpoint, pkl = weights
+def _with_lora(prompt: dict, lora_name: str) -> dict:
+    """The upscale prompt with a LoraLoader between Load Checkpoint and Load OneStep SR."""
+    prompt = json.loads(json.dumps(prompt))
+    (ckpt,) = [k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple"]
+    (loader,) = [k for k, v in prompt.items() if v["class_type"] == "OneStepSR_Loader"]
+    (save,) = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    prompt["900"] = {"class_type": "LoraLoader", "inputs": {"model": [ckpt, 0], "clip": [ckpt, 1], "lora_name": lora_name,
+                                                           "strength_model": 1.0, "strength_clip": 1.0}}
+    prompt[loader]["inputs"].update(model=["900", 0], clip=["900", 1])
+    prompt[save]["inputs"]["filename_prefix"] = "onestep_lora_test"
+    return prompt
+
+
+def test_lora_patched_model_counts(comfy, weights, upscale_result):
+    """LoraLoader's patch on the MODEL reaches the one-step model: the image changes, and no warning."""
+    prompt, save = _upscale_prompt(comfy, *weights)
     started = time.monotonic()
     try:
-        comfy.run(_loader_only_prompt(pkl.name, checkpoint.name, full_size_fixtures.LORA_NAME))
+        entry = comfy.run(_with_lora(prompt, full_size_fixtures.LORA_NAME))
     finally:
         comfy.free()
-    print(f"[comfyui] LoraLoader -> Load OneStep SR: {time.monotonic() - started:.0f} s")
+    print(f"[comfyui] LoraLoader -> Load OneStep SR -> OneStep Upscale: {time.monotonic() - started:.0f} s")
     log = comfy.log_path.read_text(encoding="utf-8", errors="replace")
-    warning = [line for line in log.splitlines() if "not applied by Load OneStep SR" in line]
-    assert warning, f"no LoRA warning in the log; tail:\n{comfy.log_tail()}"
-    print(f"[comfyui] {warning[0].strip()}")
-    assert "the MODEL (" in warning[0]
+    assert not [line for line in log.splitlines() if "not applied" in line], comfy.log_tail()
+    applied = [line for line in log.splitlines() if "applying the MODEL/CLIP's patches" in line]
+    assert applied, f"no sign of the LoRA being applied; log tail:\n{comfy.log_tail()}"
+    print(f"[comfyui] {applied[-1].strip()}")
+    with_lora = np.asarray(Image.open(comfy.saved_image(entry, save)).convert("RGB"), dtype=np.int16)
+    without = np.asarray(Image.open(upscale_result).convert("RGB"), dtype=np.int16)
+    changed = np.abs(with_lora - without)
+    print(f"[compare] with - without LoRA: max |diff| {changed.max()}, {np.mean(changed > 0):.1%} of values differ")
+    assert changed.max() > 2, "the LoRA on the MODEL did not change the one-step result"
+
+
+def _unet_bytes(checkpoint: Path) -> int:
+    """The checkpoint's UNet in float32, as ComfyUI holds it on the CPU: the size of a second copy."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as handle:
+        return sum(4 * int(np.prod(handle.get_slice(k).get_shape())) for k in handle.keys()
+                   if k.startswith("model.diffusion_model."))
+
+
+def test_one_base_in_server_memory(comfy, weights):
+    """Host RSS of the server: ComfyUI holding only its checkpoint, then after the pack's run (our model loaded
+    on the CPU: the LoRA-patched layers are live, as with ComfyUI's own LoRAs), then after ComfyUI unloads
+    models while both node outputs stay cached. Once unloaded, the pack must hold no second base: its modules
+    share Load Checkpoint's tensors and the LoRA lives only in the patcher."""
+    checkpoint, pkl = weights
+    prompt, _save = _upscale_prompt(comfy, checkpoint, pkl)
+    (ckpt,) = [k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple"]
+    comfy_only = {ckpt: prompt[ckpt], "901": {"class_type": "PreviewAny", "inputs": {"source": [ckpt, 0]}}}
+    comfy.free()
+    empty = comfy.settled_memory()
+    try:
+        comfy.run(comfy_only)  # the same node id and inputs: the upscale run reuses this cached checkpoint
+        with_checkpoint = comfy.settled_memory()
+        comfy.reset_peak()
+        comfy.run(prompt)
+        loaded, peak = comfy.memory()
+        comfy.free(cached_outputs=False)  # unload models, keep the cached MODEL and our loader's output
+        # ComfyUI reads /free's flags after a queue item; one posted while the worker is between items can wait
+        # for the next one (its wake-up is lost), so queue the same prompt again: all cached, nothing runs.
+        comfy.run(prompt)
+        unloaded = comfy.settled_memory()
+    finally:
+        comfy.free()
+    second_copy = _unet_bytes(checkpoint)
+    gib = 1 << 30
+    extra = unloaded - with_checkpoint
+    print(f"[memory] server RSS: started {empty / gib:.2f} GiB; ComfyUI checkpoint only {with_checkpoint / gib:.2f} "
+          f"GiB; after the pack's run (model loaded on CPU) {loaded / gib:.2f} GiB, peak {peak / gib:.2f} GiB; "
+          f"models unloaded, outputs cached {unloaded / gib:.2f} GiB -> the pack holds {extra / gib:.2f} GiB beyond "
+          f"ComfyUI's own (a second UNet alone would be {second_copy / gib:.2f} GiB)")
+    assert extra < second_copy / 4, (
+        f"the pack holds {extra / gib:.2f} GiB beyond ComfyUI's checkpoint after unloading; a second copy of the "
+        "base (merged LoRA layers, re-cast weights) is back")
 
 
 def test_templates_are_listed_with_thumbnails(comfy):
