@@ -46,7 +46,7 @@ def variants() -> dict[str, str]:
     """name -> why it is not available here ('' when it is)."""
     cuda = torch.cuda.is_available()
     try:
-        from onestep_sr.kernels import triton_available
+        from onestep_sr.gpu_kernels import triton_available
 
         triton = triton_available()
     except ImportError:
@@ -93,7 +93,7 @@ def _vae_functions(variant: str, vae, args):
     """(encode(x in [-1, 1]) -> latent, decode(latent) -> image) for a variant."""
     tiles = _tiles(args)
     if variant.startswith("ours"):
-        from onestep_sr.kernels import set_kernels
+        from onestep_sr.gpu_kernels import set_kernels
         from onestep_sr.models.tiled_vae import decode_tiled, encode_tiled
 
         set_kernels({"ours, kernels off": "off", "ours, kernels on": "on"}.get(variant, "auto"))

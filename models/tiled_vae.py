@@ -19,7 +19,7 @@ vae_steps, which pauses at each GroupNorm; this module decides which statistics 
   estimated otherwise, and estimated again if the untiled run runs out of memory anyway.
 
 Untiled means one window per image through the same generator forward: GroupNorm statistics of the
-whole image, in-place SiLU and normalisation, the fused kernels on the GPU (kernels/), so it needs
+whole image, in-place SiLU and normalisation, the fused kernels on the GPU (gpu_kernels/), so it needs
 less memory than diffusers' own forward and gives its numbers up to float rounding.
 
 Everything stays on the input's device; neither driver moves tiles through host memory.

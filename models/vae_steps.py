@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import core_stats, group_norm_apply
+from ..gpu_kernels import core_stats, group_norm_apply
 from .vae_tiles import TileGeometry
 
 

@@ -20,7 +20,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from onestep_sr.kernels import group_norm as gn  # noqa: E402
+from onestep_sr.gpu_kernels import group_norm as gn  # noqa: E402
 from onestep_sr.models.tiled_vae import decode_tiled, encode_tiled  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from onestep_sr.kernels import group_norm as gn
+from onestep_sr.gpu_kernels import group_norm as gn
 from onestep_sr.models import tiled_vae
 from onestep_sr.models.base_models import load_config
 from onestep_sr.models.vae_memory import MetaPeak, forward_profile, lockstep_bytes, untiled_bytes

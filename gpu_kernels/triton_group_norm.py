@@ -8,7 +8,7 @@ tile's core for the statistics, a second full pass for the affine transform and 
 the statistics read each activation once and the normalisation reads it once more and writes once
 (in place where the caller allows it).
 
-Import this module only when Triton is installed (kernels/group_norm.py does it lazily).
+Import this module only when Triton is installed (gpu_kernels/group_norm.py does it lazily).
 """
 
 from __future__ import annotations
