@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("osediff", "s3diff", "hero_sr", "vpdsr_sd")
+METHODS = ("osediff", "s3diff", "hero_sr", "vpdsr_sd", "hf_diff", "vpdsr_sinsr")
 DEGRADATION_PRESETS = ("osediff", "s3diff", "resshift")
 PROMPT_SOURCES = ("empty", "caption", "clip_tags")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -105,6 +105,34 @@ class LossConfig:
 
 
 @dataclass
+class ResShiftTrainConfig:
+    """The ResShift-family students (hf_diff, vpdsr_sinsr): files, SinSR distillation and the extra objectives.
+    docs/training.md ("HF-Diff recipe", "VPD-SR on SinSR") gives each value's source or reason."""
+
+    teacher: str = _f("", doc="ResShift teacher weights (resshift_realsrx4_s15_v1.pth)")
+    autoencoder: str | None = _f(None, doc="autoencoder_vq_f4.pth (default: beside the teacher)")
+    model_config: str | None = _f(None, doc="official-format YAML for other model sizes (default: SinSR's)")
+    learn_xT: bool = _f(True, doc="SinSR inverse regularisation (mse_xT)")
+    finetune_use_gt: float = _f(1.0, 0.0, 1e4, doc="SinSR consistency-preserving weight (mse_gt, and HF-Diff's hf)")
+    distill: float = _f(1.0, 0.0, 1e4, doc="vanilla distillation weight (mse)")
+    hf_inn: str | None = _f(None, doc="HF-Diff: INN checkpoint from `onestep-sr train-inn`")
+    hf: float = _f(0.2, 0.0, 1e4, doc="HF-Diff: HF perceptual weight (the release's 0.2)")
+    dino: str | None = _f(None, doc="HF-Diff: transformers Dinov2Model folder")
+    js: float = _f(1.0, 0.0, 1e4, doc="HF-Diff: DINOv2 JS distribution-matching weight")
+    js_temperature: float = _f(1.0, 1e-6, 1e4)
+    js_tokens: str = _f("cls", choices=("cls", "mean"))
+    feature_size: int = _f(224, 14, 1024, doc="DINOv2 input size (a multiple of 14)")
+    clip: str | None = _f(None, doc="VPD-SR: transformers CLIPModel folder")
+    semantic: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: CLIP semantic supervision weight")
+    semantic_layers: list = _f([-1], doc="VPD-SR: CLIP vision layers compared token by token")
+    semantic_embed: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: weight of the CLIP embedding term inside ESS")
+    hfp: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: high-frequency perception weight")
+    hfp_levels: int = _f(2, 1, 8)
+    vpd_target: str = _f("gt", choices=("gt", "teacher"), doc="VPD-SR: what ESS and HFP compare the SR image with")
+    gan: float = _f(0.0, 0.0, 1e4, doc="VPD-SR adversarial weight (0 = off; needs training/losses/dino_discriminator.py)")
+
+
+@dataclass
 class OptimConfig:
     lr: float = _f(5e-5, 0.0, 1.0)
     lr_fake: float | None = _f(None, 0.0, 1.0, doc="fake-score / discriminator lr (default: lr)")
@@ -173,6 +201,7 @@ class TrainConfig:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    resshift: ResShiftTrainConfig = field(default_factory=ResShiftTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     herosr: HeroSRConfig = field(default_factory=HeroSRConfig)
@@ -262,6 +291,8 @@ def _cross_checks(config: TrainConfig) -> None:
         raise ConfigError(f"data.crop = {config.data.crop} must be a multiple of 8 x scale = {8 * config.data.scale}")
     if config.method == "osediff" and config.loss.gan:
         raise ConfigError("loss.gan is S3Diff's loss; OSEDiff trains with mse, lpips and vsd")
+    if config.resshift.feature_size % 14:
+        raise ConfigError(f"resshift.feature_size = {config.resshift.feature_size} must be a multiple of 14 (DINOv2 patch)")
     if config.method == "s3diff" and config.loss.vsd:
         raise ConfigError("loss.vsd is OSEDiff's loss; set it to 0 for S3Diff")
     if config.data.prompts == "clip_tags" and not config.data.clip_tagger:
@@ -322,7 +353,8 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.validat
                      "train.logger", "train.keep_checkpoints", "data.workers", "data.pin_memory",
                      "data.validation", "data.validation_lr", "data.validation_count", "output_dir",
                      "model.feature_networks", "train.device", "model.base", "model.tokenizer", "model.de_net",
-                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip"}
+                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip", "resshift.teacher",
+                     "resshift.autoencoder", "resshift.hf_inn", "resshift.dino", "resshift.clip"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
