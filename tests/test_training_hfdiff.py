@@ -55,7 +55,12 @@ def _config(files, out, steps=3, **resshift):
 def trained(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("hfdiff_run")
     config = config_from_dict(_config(files, out, STEPS))
-    return config, train(config, progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one; extra threads only contend here
+    try:
+        return config, train(config, progress=False)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _batch(seed=0, lr_size=16):
