@@ -1,11 +1,11 @@
 """VPD-SR's objectives on the SinSR student (tiny models): one step against a hand composition (SinSR
 terms + CLIP semantic supervision + Haar high-frequency perception), only the student learns, losses
 fall, the saved file loads as SinSR through the CLI / pipeline path and reproduces the trainer's
-forward, and the adversarial option is refused clearly while the discriminator is missing."""
+forward, and the adversarial extension is a discriminator phase on S3Diff's DINO discriminator."""
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import math
 
 import pytest
@@ -27,7 +27,6 @@ from onestep_sr.training.trainer import TrainingError, train  # noqa: E402
 
 CPU = torch.device("cpu")
 STEPS = 30
-HAS_DISCRIMINATOR = importlib.util.find_spec("onestep_sr.training.losses.dino_discriminator") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -173,10 +172,59 @@ def test_saved_file_loads_as_sinsr_and_reproduces_the_trainer(files, trained):
         assert (theirs - mine).abs().max() < 1e-5, name
 
 
-@pytest.mark.skipif(HAS_DISCRIMINATOR, reason="the DINO discriminator is present")
-def test_adversarial_option_is_refused_clearly_without_the_discriminator(files, tmp_path):
-    with pytest.raises(TrainingError, match="resshift.gan > 0 needs the DINO multi-level discriminator"):
-        train(config_from_dict(_config(files, tmp_path / "run", gan=0.1)), progress=False)
+def _tiny_dino_folder(folder):
+    from onestep_sr.training.losses.dino_discriminator import DinoDiscriminator
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(DinoDiscriminator.tiny(dim=16, depth=8, heads=1, seed=2).backbone.state_dict(),
+               folder / "dino_vitbase16_pretrain.pth")
+    return folder
+
+
+def test_adversarial_extension_is_a_discriminator_phase(files, tmp_path):
+    from onestep_sr.training.losses.dino_discriminator import generator_adversarial_loss
+
+    config = _config(files, tmp_path / "run", gan=0.5)
+    config["model"]["feature_networks"] = str(_tiny_dino_folder(tmp_path / "features"))
+    recipe = build_recipe(config_from_dict(config), CPU)
+    model = recipe.model.train()
+    assert [p.name for p in recipe.phases] == ["generator", "discriminator"]
+    heads = {id(p) for p in model.discriminator.heads.parameters()}
+    assert {id(p) for _, p in recipe.phases[1].parameters} == heads
+    backbone = rf.state_snapshot(model.discriminator.backbone)
+    lq, gt, _ = _batch(2)
+    inputs = StepInputs(lq=F.interpolate(lq, scale_factor=4, mode="bicubic"), gt=gt,
+                        batch={"lr": (lq + 1) / 2, "id": torch.tensor([0, 1])}, micro_step=0, seed=3)
+    with torch.no_grad():  # the GAN term: the module's loss on the same SR with the same augmentations
+        critic_copy = copy.deepcopy(model.discriminator)  # spectral norm's power iteration moves u per call
+        sr = model.decode(model.student_x0(model.prior(model.condition(lq), recipe.noise(inputs, lq)), lq))
+        expected = generator_adversarial_loss(critic_copy, sr, recipe.augment_generators(inputs, 2, 2))
+    parts = recipe.micro_step(model, model, inputs)
+    generator = next(parts)
+    torch.testing.assert_close(generator.logs["gan"], expected, rtol=1e-5, atol=1e-6)
+    others = generator.logs["mse"] + generator.logs["mse_xT"] + generator.logs["mse_gt"] + \
+        generator.logs["semantic"] + generator.logs["hfp"]
+    torch.testing.assert_close(generator.loss.detach(), others + 0.5 * expected, rtol=1e-5, atol=1e-6)
+    generator.loss.backward()
+    assert all(p.grad is None for p in model.discriminator.parameters())  # the heads see only their own loss
+    for p in model.student.parameters():
+        p.grad = None
+    critic = next(parts)
+    assert critic.phase == "discriminator" and float(critic.loss) > 0
+    critic.loss.backward()
+    assert {id(p) for p in model.parameters() if p.grad is not None} == heads
+    assert rf.same_state(model.discriminator.backbone, backbone)
+    with pytest.raises(StopIteration):
+        next(parts)
+    history = train(config_from_dict(dict(config, train={**config["train"], "max_steps": 2})), progress=False).history
+    assert {"gan", "discriminator"} <= set(history[-1])
+
+
+def test_adversarial_extension_names_a_missing_dino_file(files, tmp_path):
+    config = _config(files, tmp_path / "run", gan=0.5)
+    config["model"]["feature_networks"] = str(tmp_path / "empty")
+    with pytest.raises(TrainingError, match="dino_vitbase16_pretrain.pth not found"):
+        train(config_from_dict(config), progress=False)
 
 
 def test_missing_clip_is_named_and_the_shipped_config_loads(files, tmp_path):

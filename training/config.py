@@ -129,7 +129,7 @@ class ResShiftTrainConfig:
     hfp: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: high-frequency perception weight")
     hfp_levels: int = _f(2, 1, 8)
     vpd_target: str = _f("gt", choices=("gt", "teacher"), doc="VPD-SR: what ESS and HFP compare the SR image with")
-    gan: float = _f(0.0, 0.0, 1e4, doc="VPD-SR adversarial weight (0 = off; needs training/losses/dino_discriminator.py)")
+    gan: float = _f(0.0, 0.0, 1e4, doc="VPD-SR adversarial weight (0 = off; DINO discriminator from model.feature_networks)")
 
 
 @dataclass

@@ -133,7 +133,8 @@ class ResShiftDistillModel(nn.Module):
             return self.discriminator_step(**kwargs)
         raise ValueError(f"unknown mode {mode!r}")
 
-    def generator_step(self, lq: Tensor, gt: Tensor, noise: Tensor) -> dict[str, Tensor]:
+    def generator_step(self, lq: Tensor, gt: Tensor, noise: Tensor, augment=None) -> dict[str, Tensor]:
+        """`augment`: per-sample generators for the discriminator's DiffAugment (None: global RNG)."""
         kwargs = {"lq": lq}
         z_y = self.condition(lq)
         x_T = self.prior(z_y, noise)
@@ -159,15 +160,15 @@ class ResShiftDistillModel(nn.Module):
                 out[name] = value.detach()
                 total = total + weight * value
             if self.discriminator is not None and self.gan_weight:
-                adversarial = self.adversarial.generator_adversarial_loss(self.discriminator, sr)
+                adversarial = self.adversarial.generator_adversarial_loss(self.discriminator, sr, augment)
                 out["gan"] = adversarial.detach()
                 total = total + self.gan_weight * adversarial
             out["sr"] = sr.detach()
         out["total"] = total
         return out
 
-    def discriminator_step(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
-        loss = self.adversarial.discriminator_loss(self.discriminator, real, fake.detach())
+    def discriminator_step(self, real: Tensor, fake: Tensor, augment=None) -> dict[str, Tensor]:
+        loss = self.adversarial.discriminator_loss(self.discriminator, real, fake.detach(), augment)
         return {"discriminator": loss}
 
 

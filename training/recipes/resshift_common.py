@@ -121,17 +121,31 @@ class ResShiftDistillRecipe(Recipe):
 
         shape = (self.model.vq.config.embed_dim, lq.shape[-2] * self.model.sf // self.model.vq.config.downscale,
                  lq.shape[-1] * self.model.sf // self.model.vq.config.downscale)
-        ids = inputs.batch["id"].tolist() if "id" in inputs.batch else list(range(lq.shape[0]))
-        seeds = [sample_seed(inputs.seed, inputs.micro_step, int(i), NOISE_STREAM) for i in ids]
+        seeds = [sample_seed(inputs.seed, inputs.micro_step, int(i), NOISE_STREAM)
+                 for i in self.sample_ids(inputs, lq.shape[0])]
         return per_sample_randn(shape, seeds, lq.device)
+
+    @staticmethod
+    def sample_ids(inputs: StepInputs, batch_size: int) -> list[int]:
+        return inputs.batch["id"].tolist() if "id" in inputs.batch else list(range(batch_size))
+
+    def augment_generators(self, inputs: StepInputs, batch_size: int, stream: int) -> list[torch.Generator]:
+        """Per-sample CPU generators for the discriminator's DiffAugment, seeded like the noise."""
+        from ..osediff import sample_seed
+
+        return [torch.Generator().manual_seed(sample_seed(inputs.seed, inputs.micro_step, int(i), stream))
+                for i in self.sample_ids(inputs, batch_size)]
 
     def micro_step(self, model: nn.Module, unwrapped: nn.Module, inputs: StepInputs) -> Iterator[PhaseLoss]:
         lq = self.lr_input(inputs)
-        out = model(mode="generator", lq=lq, gt=inputs.gt, noise=self.noise(inputs, lq))
+        adversarial = unwrapped.discriminator is not None
+        augment = self.augment_generators(inputs, lq.shape[0], 2) if adversarial else None
+        out = model(mode="generator", lq=lq, gt=inputs.gt, noise=self.noise(inputs, lq), augment=augment)
         sr = out.pop("sr", None)
         yield PhaseLoss("generator", out["total"], out)
-        if unwrapped.discriminator is not None:
-            critic = model(mode="discriminator", real=inputs.gt, fake=sr)
+        if adversarial:
+            critic = model(mode="discriminator", real=inputs.gt, fake=sr,
+                           augment=self.augment_generators(inputs, lq.shape[0], 3))
             yield PhaseLoss("discriminator", critic["discriminator"], critic)
 
     # -- files -------------------------------------------------------------------------------------

@@ -3,34 +3,18 @@ loss (vanilla distillation from the ResShift teacher's deterministic sampling, i
 regularisation, consistency preservation) plus Explicit Semantic-aware Supervision (CLIP visual
 features of the decoded SR vs the target) and the High-Frequency Perception loss (Haar detail
 bands of SR vs target), and optionally the adversarial extension with the DINO multi-level
-discriminator (`training/losses/dino_discriminator.py`) as a second phase. VPD-SR publishes no code;
+discriminator (`training/losses/dino_discriminator.py`, S3Diff's vision-aided discriminator) as a second phase. VPD-SR publishes no code;
 the formulas and weights are our choices (docs/training.md). Saves the student in the SinSR layout
 (`VPD-SR_SinSR.pth`, loaded as SinSR by the nodes and `onestep-sr upscale`).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ..config import TrainConfig
 from .base import RecipeError
 from .resshift_common import ResShiftDistillRecipe
-
-DISCRIMINATOR_MODULE = "onestep_sr.training.losses.dino_discriminator"
-
-
-def load_adversarial_module():
-    """The DINO discriminator module, or a clear error when this version lacks it."""
-    try:
-        return importlib.import_module(DISCRIMINATOR_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != DISCRIMINATOR_MODULE:
-            raise
-        raise RecipeError("resshift.gan > 0 needs the DINO multi-level discriminator "
-                          "(training/losses/dino_discriminator.py), which this version does not have; "
-                          "set resshift.gan: 0") from None
 
 
 class VPDSRSinSRRecipe(ResShiftDistillRecipe):
@@ -67,8 +51,14 @@ class VPDSRSinSRRecipe(ResShiftDistillRecipe):
                                       rs.vpd_target)
         if not rs.gan:
             return losses, None, None
-        adversarial = load_adversarial_module()
+        from ..losses import dino_discriminator as adversarial
+
         return losses, self.build_discriminator(adversarial, config, device), adversarial
 
     def build_discriminator(self, adversarial, config: TrainConfig, device: torch.device):
-        raise RecipeError("the DINO discriminator's constructor is not wired into this recipe yet; set resshift.gan: 0")
+        """S3Diff's vision-aided DINO ViT-B/16 discriminator (DiffAugment on), the ViT read from
+        `model.feature_networks` (dino_vitbase16_pretrain.pth); only its heads train."""
+        try:
+            return adversarial.DinoDiscriminator.from_folder(config.model.feature_networks).to(device)
+        except (FileNotFoundError, ValueError) as error:
+            raise RecipeError(f"resshift.gan > 0: {error}") from None
