@@ -236,3 +236,25 @@ def test_validation_runs_the_resshift_pipeline(files, tmp_path):
     rows = (tmp_path / "run" / "validation.csv").read_text().splitlines()
     assert rows[0].startswith("step,val_psnr") and len(rows) == 2
     assert len(list((tmp_path / "run" / "validation" / "step-00000001").glob("*.png"))) == 2
+
+
+def test_ema_is_updated_per_optimizer_step_and_published(files, tmp_path):
+    """rate 0.9, 2 micro-batches per step: EMA_k = 0.9 EMA_{k-1} + 0.1 W_k after each optimizer step
+    (not each micro-batch), starting from the initial student; the published file is the EMA."""
+    from onestep_sr.training.checkpoints import read_state
+
+    config = _config(files, tmp_path / "run", 2, ema_rate=0.9, hf=0.0, js=0.0)
+    config["train"].update(batch_size=1, gradient_accumulation=2, checkpoint_every=1)
+    result = train(config_from_dict(config), progress=False)
+    folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    states = [read_state(folder)["trainable"] for folder in folders]
+    start = torch.load(files / rf.STUDENT, weights_only=True)
+    previous = {k: v.float() for k, v in start.items()}
+    for folder, state in zip(folders, states, strict=True):
+        published = torch.load(folder / "HF-Diff.pth", weights_only=True)
+        for key, weight in ((k[len("student."):], v) for k, v in state.items() if k.startswith("student.")):
+            expected = 0.9 * previous[key] + 0.1 * weight
+            torch.testing.assert_close(state[f"ema_student.{key}"], expected, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(published[key], expected, rtol=1e-6, atol=1e-7)
+            previous[key] = expected
+    assert result.step == 2 and not torch.equal(published["out.2.weight"], states[-1]["student.out.2.weight"])

@@ -115,6 +115,7 @@ class ResShiftTrainConfig:
     learn_xT: bool = _f(True, doc="SinSR inverse regularisation (mse_xT)")
     finetune_use_gt: float = _f(1.0, 0.0, 1e4, doc="SinSR consistency-preserving weight (mse_gt, and HF-Diff's hf)")
     distill: float = _f(1.0, 0.0, 1e4, doc="vanilla distillation weight (mse)")
+    ema_rate: float = _f(0.0, 0.0, 0.99999, doc="EMA of the student, published and validated when > 0 (release: 0.999)")
     hf_inn: str | None = _f(None, doc="HF-Diff: INN checkpoint from `onestep-sr train-inn`")
     hf: float = _f(0.2, 0.0, 1e4, doc="HF-Diff: HF perceptual weight (the release's 0.2)")
     dino: str | None = _f(None, doc="HF-Diff: transformers Dinov2Model folder")

@@ -92,6 +92,11 @@ class ResShiftDistillRecipe(Recipe):
         self.model = ResShiftDistillModel(student, teacher, vq, diffusion, distill, image_losses, discriminator,
                                           rs.gan, adversarial).to(device)
         self.phases = [Phase("generator", student_parameters(self.model), config.optim.lr)]
+        self.ema_rate = rs.ema_rate
+        if self.ema_rate:  # the release's EMA; a phase that never steps, so checkpoints carry it for resume
+            self.model.ema_student = copy.deepcopy(student).requires_grad_(False).eval()
+            self.phases.append(Phase("ema", [(f"ema_student.{n}", p) for n, p in
+                                             self.model.ema_student.named_parameters()], 0.0))
         if discriminator is not None:
             self.phases.append(Phase("discriminator", discriminator_parameters(self.model),
                                      config.optim.lr_fake or config.optim.lr))
@@ -143,6 +148,9 @@ class ResShiftDistillRecipe(Recipe):
         out = model(mode="generator", lq=lq, gt=inputs.gt, noise=self.noise(inputs, lq), augment=augment)
         sr = out.pop("sr", None)
         yield PhaseLoss("generator", out["total"], out)
+        accumulation = self.config.train.gradient_accumulation
+        if self.ema_rate and inputs.micro_step % accumulation == accumulation - 1:
+            update_ema(unwrapped.ema_student, unwrapped.student, self.ema_rate)  # the loop has just stepped
         if adversarial:
             critic = model(mode="discriminator", real=inputs.gt, fake=sr,
                            augment=self.augment_generators(inputs, lq.shape[0], 3))
@@ -150,10 +158,11 @@ class ResShiftDistillRecipe(Recipe):
 
     # -- files -------------------------------------------------------------------------------------
     def published(self, unwrapped: nn.Module) -> dict:
-        """The student as the official code saves it (HF-Diff.pth / SinSR_v1.pth layout)."""
+        """The student (its EMA when `resshift.ema_rate` > 0, as the release validates) as the official
+        code saves it (HF-Diff.pth / SinSR_v1.pth layout)."""
         from ...models.resshift.weights import published_unet_state
 
-        return published_unet_state(unwrapped.student)
+        return published_unet_state(unwrapped.ema_student if self.ema_rate else unwrapped.student)
 
     def validate(self, unwrapped: nn.Module, step: int) -> dict[str, float]:
         """The held-out set through the ResShift pipeline on the published weights (seeded noise)."""
@@ -162,3 +171,11 @@ class ResShiftDistillRecipe(Recipe):
         return validate_resshift(self.config, self.published(unwrapped), self.export_method, self.model_config,
                                  unwrapped.vq, step, self.device)
 
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, source: nn.Module, rate: float) -> None:
+    """ema <- rate * ema + (1 - rate) * source, every tensor (the release's `update_ema_model`)."""
+    for target, value in zip(ema.state_dict().values(), source.state_dict().values(), strict=True):
+        if target.is_floating_point():
+            target.mul_(rate).add_(value.detach().to(target.dtype), alpha=1 - rate)
