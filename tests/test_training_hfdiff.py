@@ -258,3 +258,21 @@ def test_ema_is_updated_per_optimizer_step_and_published(files, tmp_path):
             torch.testing.assert_close(published[key], expected, rtol=1e-6, atol=1e-7)
             previous[key] = expected
     assert result.step == 2 and not torch.equal(published["out.2.weight"], states[-1]["student.out.2.weight"])
+
+
+def test_resume_reproduces_an_uninterrupted_run(files, tmp_path):
+    """Noise per (seed, step, image) and the EMA in the resume state: 2 + 1 steps == 3 steps."""
+    def config(out, steps):
+        values = _config(files, out, steps, ema_rate=0.9, hf=0.0, js=0.0)
+        values["train"]["checkpoint_every"] = 2
+        return config_from_dict(values)
+
+    straight = train(config(tmp_path / "a", 3), progress=False)
+    train(config(tmp_path / "b", 2), progress=False)
+    resumed = train(config(tmp_path / "b", 3), resume=tmp_path / "b", progress=False)
+    assert resumed.step == 3 and len(resumed.history) == 1
+    for key in ("total", "mse", "mse_xT", "mse_gt"):
+        assert resumed.history[0][key] == pytest.approx(straight.history[-1][key], rel=1e-6, abs=1e-8), key
+    a = torch.load(straight.checkpoint / "HF-Diff.pth", weights_only=True)
+    b = torch.load(resumed.checkpoint / "HF-Diff.pth", weights_only=True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
