@@ -276,3 +276,23 @@ def test_resume_reproduces_an_uninterrupted_run(files, tmp_path):
     a = torch.load(straight.checkpoint / "HF-Diff.pth", weights_only=True)
     b = torch.load(resumed.checkpoint / "HF-Diff.pth", weights_only=True)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_online_degradation_feeds_the_degraded_lr(files, tmp_path, monkeypatch):
+    """Without paired LR the trainer degrades the GT online; the recipe conditions on that LR itself
+    (`lr_degraded`), not on a downscale of the upscaled input."""
+    from onestep_sr.training.recipes.resshift_common import ResShiftDistillRecipe
+
+    seen = []
+    original = ResShiftDistillRecipe.lr_input
+
+    def spy(self, inputs):
+        lq = original(self, inputs)
+        seen.append(torch.equal(lq, inputs.batch["lr_degraded"].float() * 2 - 1))
+        return lq
+
+    monkeypatch.setattr(ResShiftDistillRecipe, "lr_input", spy)
+    config = _config(files, tmp_path / "run", 1, hf=0.0, js=0.0)
+    del config["data"]["train_lr"]
+    history = train(config_from_dict(config), progress=False).history
+    assert seen == [True] and all(math.isfinite(v) for v in history[0].values())

@@ -84,6 +84,8 @@ class ResShiftDistillModel(nn.Module):
         super().train(mode)
         self.teacher.eval()
         self.vq.eval()
+        if hasattr(self, "ema_student"):  # the recipe's EMA copy (never trained directly)
+            self.ema_student.eval()
         return self
 
     @property
