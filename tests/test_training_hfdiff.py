@@ -247,17 +247,18 @@ def test_ema_is_updated_per_optimizer_step_and_published(files, tmp_path):
     config["train"].update(batch_size=1, gradient_accumulation=2, checkpoint_every=1)
     result = train(config_from_dict(config), progress=False)
     folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
-    states = [read_state(folder)["trainable"] for folder in folders]
+    states = [read_state(folder) for folder in folders]
     start = torch.load(files / rf.STUDENT, weights_only=True)
     previous = {k: v.float() for k, v in start.items()}
     for folder, state in zip(folders, states, strict=True):
         published = torch.load(folder / "HF-Diff.pth", weights_only=True)
-        for key, weight in ((k[len("student."):], v) for k, v in state.items() if k.startswith("student.")):
+        ema = state["recipe"]["ema_student"]
+        for key, weight in ((k[len("student."):], v) for k, v in state["trainable"].items()):
             expected = 0.9 * previous[key] + 0.1 * weight
-            torch.testing.assert_close(state[f"ema_student.{key}"], expected, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(ema[key], expected, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(published[key], expected, rtol=1e-6, atol=1e-7)
             previous[key] = expected
-    assert result.step == 2 and not torch.equal(published["out.2.weight"], states[-1]["student.out.2.weight"])
+    assert result.step == 2 and not torch.equal(published["out.2.weight"], states[-1]["trainable"]["student.out.2.weight"])
 
 
 def test_resume_reproduces_an_uninterrupted_run(files, tmp_path):
@@ -280,7 +281,7 @@ def test_resume_reproduces_an_uninterrupted_run(files, tmp_path):
 
 def test_online_degradation_feeds_the_degraded_lr(files, tmp_path, monkeypatch):
     """Without paired LR the trainer degrades the GT online; the recipe conditions on that LR itself
-    (`lr_degraded`), not on a downscale of the upscaled input."""
+    (`extras["lr"]`), not on a downscale of the upscaled input."""
     from onestep_sr.training.recipes.resshift_common import ResShiftDistillRecipe
 
     seen = []
@@ -288,7 +289,8 @@ def test_online_degradation_feeds_the_degraded_lr(files, tmp_path, monkeypatch):
 
     def spy(self, inputs):
         lq = original(self, inputs)
-        seen.append(torch.equal(lq, inputs.batch["lr_degraded"].float() * 2 - 1))
+        seen.append("lr" not in inputs.batch and torch.equal(lq, inputs.extras["lr"].float() * 2 - 1)
+                    and lq.shape[-1] * 4 == inputs.gt.shape[-1])
         return lq
 
     monkeypatch.setattr(ResShiftDistillRecipe, "lr_input", spy)

@@ -240,3 +240,23 @@ def test_missing_clip_is_named_and_the_shipped_config_loads(files, tmp_path):
     assert shipped.method == "vpdsr_sinsr" and shipped.resshift.semantic > 0 and shipped.resshift.hfp > 0
     hf = load_config(Path(onestep_sr.__file__).parent / "training" / "configs" / "hfdiff.yaml")
     assert (hf.method, hf.optim.lr, hf.train.batch_size * hf.train.gradient_accumulation) == ("hf_diff", 2.5e-5, 32)
+
+
+def test_adversarial_resume_reproduces_an_uninterrupted_run(files, tmp_path):
+    """With the discriminator and the EMA: their state (heads, spectral-norm vectors, EMA) resumes."""
+    features = _tiny_dino_folder(tmp_path / "features")
+
+    def config(out, steps):
+        values = _config(files, out, steps, gan=0.5, ema_rate=0.9, semantic=0.0)
+        values["model"]["feature_networks"] = str(features)
+        values["train"]["checkpoint_every"] = 2
+        return config_from_dict(values)
+
+    straight = train(config(tmp_path / "a", 3), progress=False)
+    train(config(tmp_path / "b", 2), progress=False)
+    resumed = train(config(tmp_path / "b", 3), resume=tmp_path / "b", progress=False)
+    for key in ("total", "gan", "discriminator", "mse"):
+        assert resumed.history[0][key] == pytest.approx(straight.history[-1][key], rel=1e-5, abs=1e-7), key
+    a = torch.load(straight.checkpoint / "VPD-SR_SinSR.pth", weights_only=True)
+    b = torch.load(resumed.checkpoint / "VPD-SR_SinSR.pth", weights_only=True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

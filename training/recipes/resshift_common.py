@@ -3,8 +3,7 @@ VQ-f4 from the published files, the LR the ResShift UNet works on, per-sample no
 Swin-UNet state dict and validation through the ResShift pipeline.
 
 The loop hands images at GT size (the LR bicubic-upscaled); the ResShift family conditions on the LR
-at its own size, so the recipe reads it from the batch: `lr` (paired folders) or `lr_degraded` (the
-trainer's online degradation). Without either it area-downsamples the upscaled input (a custom loop).
+at its own size, so the recipe takes the loop's `extras["lr"]` (paired folders or online degradation).
 """
 
 from __future__ import annotations
@@ -93,10 +92,8 @@ class ResShiftDistillRecipe(Recipe):
                                           rs.gan, adversarial).to(device)
         self.phases = [Phase("generator", student_parameters(self.model), config.optim.lr)]
         self.ema_rate = rs.ema_rate
-        if self.ema_rate:  # the release's EMA; a phase that never steps, so checkpoints carry it for resume
+        if self.ema_rate:  # the release's EMA of the student, from its initial weights
             self.model.ema_student = copy.deepcopy(student).requires_grad_(False).eval()
-            self.phases.append(Phase("ema", [(f"ema_student.{n}", p) for n, p in
-                                             self.model.ema_student.named_parameters()], 0.0))
         if discriminator is not None:
             self.phases.append(Phase("discriminator", discriminator_parameters(self.model),
                                      config.optim.lr_fake or config.optim.lr))
@@ -110,11 +107,13 @@ class ResShiftDistillRecipe(Recipe):
 
     # -- one step ----------------------------------------------------------------------------------
     def lr_input(self, inputs: StepInputs) -> torch.Tensor:
-        """The LR in [-1, 1] at its own size."""
-        batch = inputs.batch
-        for key in ("lr", "lr_degraded"):
-            if key in batch:
-                return batch[key].to(inputs.gt.device, torch.float32) * 2 - 1
+        """The LR in [-1, 1] at its own size: the loop's `extras["lr"]` (paired folders or online
+        degradation), else the batch's paired LR, else (a custom loop) the upscaled input area-downsampled."""
+        lr = inputs.extras.get("lr")
+        if lr is None:
+            lr = inputs.batch.get("lr")
+        if lr is not None:
+            return lr.to(inputs.gt.device, torch.float32) * 2 - 1
         sf = self.config.data.scale
         size = (inputs.lq.shape[-2] // sf, inputs.lq.shape[-1] // sf)
         return F.interpolate(inputs.lq, size=size, mode="area")
@@ -155,6 +154,29 @@ class ResShiftDistillRecipe(Recipe):
             critic = model(mode="discriminator", real=inputs.gt, fake=sr,
                            augment=self.augment_generators(inputs, lq.shape[0], 3))
             yield PhaseLoss("discriminator", critic["discriminator"], critic)
+
+    # -- resume state beyond the trainable weights --------------------------------------------------
+    def extra_state(self) -> dict:
+        """The EMA weights, and the discriminator heads' buffers (spectral norm's power-iteration
+        vectors change every training forward)."""
+        state: dict = {}
+        if self.ema_rate:
+            state["ema_student"] = {k: v.detach().cpu().clone() for k, v in self.model.ema_student.state_dict().items()}
+        if self.model.discriminator is not None:
+            state["discriminator_buffers"] = {n: b.detach().cpu().clone()
+                                              for n, b in self.model.discriminator.heads.named_buffers()}
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.ema_rate:
+            if "ema_student" not in state:
+                raise RecipeError("the checkpoint has no EMA weights (resshift.ema_rate was 0 in that run)")
+            self.model.ema_student.load_state_dict(state["ema_student"])
+        buffers = state.get("discriminator_buffers")
+        if buffers and self.model.discriminator is not None:
+            with torch.no_grad():
+                for name, buffer in self.model.discriminator.heads.named_buffers():
+                    buffer.copy_(buffers[name])
 
     # -- files -------------------------------------------------------------------------------------
     def published(self, unwrapped: nn.Module) -> dict:

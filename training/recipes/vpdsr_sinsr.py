@@ -59,6 +59,8 @@ class VPDSRSinSRRecipe(ResShiftDistillRecipe):
         """S3Diff's vision-aided DINO ViT-B/16 discriminator (DiffAugment on), the ViT read from
         `model.feature_networks` (dino_vitbase16_pretrain.pth); only its heads train."""
         try:
-            return adversarial.DinoDiscriminator.from_folder(config.model.feature_networks).to(device)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)  # the heads' init and spectral-norm vectors: same every run
+                return adversarial.DinoDiscriminator.from_folder(config.model.feature_networks).to(device)
         except (FileNotFoundError, ValueError) as error:
             raise RecipeError(f"resshift.gan > 0: {error}") from None
