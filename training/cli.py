@@ -6,12 +6,12 @@ import argparse
 import logging
 import sys
 
-DESCRIPTION = ("train a one-step SR model (OSEDiff, S3Diff) from a YAML config; multi-GPU / multi-node: "
+DESCRIPTION = ("train a one-step SR model (OSEDiff, S3Diff, HF-Diff, VPD-SR on SinSR) from a YAML config; multi-GPU / multi-node: "
                "accelerate launch -m onestep_sr.training CONFIG.yaml")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML training config (see training/configs/osediff.yaml, s3diff.yaml)")
+    parser.add_argument("config", help="YAML training config (see training/configs/: osediff, s3diff, hfdiff, vpdsr_sinsr)")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue from a checkpoint folder, or a run's output folder (its latest checkpoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
