@@ -298,3 +298,33 @@ def test_online_degradation_feeds_the_degraded_lr(files, tmp_path, monkeypatch):
     del config["data"]["train_lr"]
     history = train(config_from_dict(config), progress=False).history
     assert seen == [True] and all(math.isfinite(v) for v in history[0].values())
+
+
+def test_saved_file_loads_in_the_loader_node(files, trained, monkeypatch, tmp_path):
+    """HF-Diff.pth from the trainer, dropped into models/onestep_sr beside the autoencoder, loads in Load
+    OneStep SR as HF-Diff and runs the trainer's own forward."""
+    import shutil
+
+    from onestep_sr.nodes.loader_node import FROM_INPUTS, OneStepSRLoader
+    from onestep_sr.training.checkpoints import read_state
+
+    import fake_comfy
+    import tinymodels
+
+    config, result = trained
+    tokenizer = tmp_path / "tok"
+    tinymodels.write_tiny_tokenizer(tokenizer)
+    state = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
+    folder = state.models_dir / "onestep_sr"
+    folder.mkdir(parents=True)
+    for source in (result.checkpoint / "HF-Diff.pth", files / rf.AUTOENCODER, files / rf.YAML):
+        shutil.copy(source, folder / source.name)
+    (handle,) = OneStepSRLoader().load("HF-Diff.pth", FROM_INPUTS, "fp32", model_config=rf.YAML)
+    model = handle.model
+    assert model.method.name == "hf_diff"
+    recipe = build_recipe(config, CPU)
+    recipe.load_state(read_state(result.checkpoint)["trainable"], result.checkpoint)
+    g = torch.Generator().manual_seed(9)
+    lr, eps = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1, torch.randn(1, 3, 64, 64, generator=g)
+    theirs = upscale_lr(model.unet, model.vq, model.diffusion(), lr, RecordedNoise({"p0_s0": eps.numpy()}), True)
+    assert (theirs - recipe.model.eval().super_resolve(lr, eps)).abs().max() < 1e-5
