@@ -44,9 +44,11 @@ def files(tmp_path_factory):
     return root
 
 
-def _config(files, out, steps=3, **resshift):
-    values = {"clip": str(files / "clip"), "hf": 0.0, "js": 0.0, "semantic_layers": [-1, 2], **resshift}
-    return rf.config(files, out, "vpdsr_sinsr", steps, **values)
+def _config(files, out, steps=3, gan=0.0, vpdsr=None, **resshift):
+    config = rf.config(files, out, "vpdsr_sinsr", steps, **{"hf": 0.0, "js": 0.0, **resshift})
+    config["vpdsr"] = {"clip": str(files / "clip"), "semantic_layers": [-1, 2], **(vpdsr or {})}
+    config["loss"] = {"gan": gan}
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +231,7 @@ def test_adversarial_extension_names_a_missing_dino_file(files, tmp_path):
 
 def test_missing_clip_is_named_and_the_shipped_config_loads(files, tmp_path):
     config = _config(files, tmp_path / "run")
-    config["resshift"]["clip"] = str(tmp_path / "no_clip")
+    config["vpdsr"]["clip"] = str(tmp_path / "no_clip")
     with pytest.raises(TrainingError, match="CLIP model folder not found: no_clip"):
         train(config_from_dict(config), progress=False)
     from pathlib import Path
@@ -237,7 +239,7 @@ def test_missing_clip_is_named_and_the_shipped_config_loads(files, tmp_path):
     import onestep_sr
 
     shipped = load_config(Path(onestep_sr.__file__).parent / "training" / "configs" / "vpdsr_sinsr.yaml")
-    assert shipped.method == "vpdsr_sinsr" and shipped.resshift.semantic > 0 and shipped.resshift.hfp > 0
+    assert shipped.method == "vpdsr_sinsr" and shipped.vpdsr.semantic > 0 and shipped.vpdsr.hfp > 0
     hf = load_config(Path(onestep_sr.__file__).parent / "training" / "configs" / "hfdiff.yaml")
     assert (hf.method, hf.optim.lr, hf.train.batch_size * hf.train.gradient_accumulation) == ("hf_diff", 2.5e-5, 32)
 
@@ -247,7 +249,7 @@ def test_adversarial_resume_reproduces_an_uninterrupted_run(files, tmp_path):
     features = _tiny_dino_folder(tmp_path / "features")
 
     def config(out, steps):
-        values = _config(files, out, steps, gan=0.5, ema_rate=0.9, semantic=0.0)
+        values = _config(files, out, steps, gan=0.5, ema_rate=0.9, vpdsr={"semantic": 0.0})
         values["model"]["feature_networks"] = str(features)
         values["train"]["checkpoint_every"] = 2
         return config_from_dict(values)

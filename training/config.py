@@ -123,14 +123,8 @@ class ResShiftTrainConfig:
     js_temperature: float = _f(1.0, 1e-6, 1e4)
     js_tokens: str = _f("cls", choices=("cls", "mean"))
     feature_size: int = _f(224, 14, 1024, doc="DINOv2 input size (a multiple of 14)")
-    clip: str | None = _f(None, doc="VPD-SR: transformers CLIPModel folder")
-    semantic: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: CLIP semantic supervision weight")
-    semantic_layers: list = _f([-1], doc="VPD-SR: CLIP vision layers compared token by token")
-    semantic_embed: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: weight of the CLIP embedding term inside ESS")
-    hfp: float = _f(1.0, 0.0, 1e4, doc="VPD-SR: high-frequency perception weight")
-    hfp_levels: int = _f(2, 1, 8)
-    vpd_target: str = _f("gt", choices=("gt", "teacher"), doc="VPD-SR: what ESS and HFP compare the SR image with")
-    gan: float = _f(0.0, 0.0, 1e4, doc="VPD-SR adversarial weight (0 = off; DINO discriminator from model.feature_networks)")
+    vpd_target: str = _f("gt", choices=("gt", "teacher"),
+                         doc="vpdsr_sinsr: what ESS and HFP compare the SR with (weights in the vpdsr section)")
 
 
 @dataclass
@@ -179,8 +173,9 @@ class HeroSRConfig:
 
 @dataclass
 class VPDSRConfig:
-    """VPD-SR (method vpdsr_sd) on the OSEDiff one-step student (adversarial weight: loss.gan, DINO
-    discriminator from model.feature_networks); see docs/training.md ("VPD-SR on the SD student")."""
+    """VPD-SR on the OSEDiff one-step student (method vpdsr_sd) and on the SinSR student (vpdsr_sinsr)
+    (adversarial weight: loss.gan, DINO discriminator from model.feature_networks); see docs/training.md
+    ("VPD-SR on the SD student", "VPD-SR on SinSR")."""
 
     clip: str = _f("models/clip/clip-vit-large-patch14", doc="transformers CLIPModel folder (ESS)")
     semantic: float = _f(1.0, 0.0, 1e4, doc="explicit semantic-aware supervision weight")
@@ -302,8 +297,10 @@ def _cross_checks(config: TrainConfig) -> None:
         raise ConfigError("S3Diff training needs model.de_net (the degradation estimator de_net.pth)")
     if config.method == "hero_sr":
         _check_hero(config)
-    if config.method == "vpdsr_sd":
+    if config.method in ("vpdsr_sd", "vpdsr_sinsr"):
         _check_vpd(config)
+    if config.method == "hf_diff" and config.loss.gan:
+        raise ConfigError("loss.gan is VPD-SR's adversarial weight; HF-Diff has no adversarial term (set it to 0)")
 
 
 def _check_hero(config: TrainConfig) -> None:
@@ -355,7 +352,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.validat
                      "data.validation", "data.validation_lr", "data.validation_count", "output_dir",
                      "model.feature_networks", "train.device", "model.base", "model.tokenizer", "model.de_net",
                      "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip", "resshift.teacher",
-                     "resshift.autoencoder", "resshift.hf_inn", "resshift.dino", "resshift.clip"}
+                     "resshift.autoencoder", "resshift.hf_inn", "resshift.dino"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

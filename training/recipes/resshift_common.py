@@ -89,7 +89,7 @@ class ResShiftDistillRecipe(Recipe):
                                         hf_loss=self.hf_loss(config))
         image_losses, discriminator, adversarial = self.extra_objectives(config, device)
         self.model = ResShiftDistillModel(student, teacher, vq, diffusion, distill, image_losses, discriminator,
-                                          rs.gan, adversarial).to(device)
+                                          config.loss.gan, adversarial).to(device)
         self.phases = [Phase("generator", student_parameters(self.model), config.optim.lr)]
         self.ema_rate = rs.ema_rate
         if self.ema_rate:  # the release's EMA of the student, from its initial weights

@@ -4,7 +4,8 @@ regularisation, consistency preservation) plus Explicit Semantic-aware Supervisi
 features of the decoded SR vs the target) and the High-Frequency Perception loss (Haar detail
 bands of SR vs target), and optionally the adversarial extension with the DINO multi-level
 discriminator (`training/losses/dino_discriminator.py`, S3Diff's vision-aided discriminator) as a second phase. VPD-SR publishes no code;
-the formulas and weights are our choices (docs/training.md). Saves the student in the SinSR layout
+the formulas and weights are our choices (docs/training.md), set in the `vpdsr` section shared with the
+SD-student recipe (vpdsr_sd); the adversarial weight is `loss.gan`. Saves the student in the SinSR layout
 (`VPD-SR_SinSR.pth`, loaded as SinSR by the nodes and `onestep-sr upscale`).
 """
 
@@ -24,32 +25,32 @@ class VPDSRSinSRRecipe(ResShiftDistillRecipe):
     progress_keys = ("total", "mse", "semantic", "hfp")
 
     def extra_objectives(self, config: TrainConfig, device: torch.device):
+        """ESS and HFP from the `vpdsr` section (shared with vpdsr_sd), compared with
+        `resshift.vpd_target`; the DINO discriminator when `loss.gan` > 0."""
         from ..losses.feature_nets import FeatureNetworkError, load_clip
         from ..losses.high_frequency import HighFrequencyPerceptionLoss
         from ..losses.vpd_semantic import CLIPSemanticSupervisionLoss
         from ..resshift_distill import ImageLoss
 
-        rs = config.resshift
+        v, target = config.vpdsr, config.resshift.vpd_target
         losses = {}
-        if rs.semantic:
-            if not rs.clip:
-                raise RecipeError("resshift.clip is not set: VPD-SR's semantic supervision needs a CLIP folder "
-                                  "(transformers CLIPModel, e.g. openai/clip-vit-large-patch14; or set "
-                                  "resshift.semantic: 0)")
+        if v.semantic:
             try:
-                clip, _ = load_clip(rs.clip, device, tokenizer=False)
+                clip, _ = load_clip(v.clip, device, tokenizer=False)
             except FeatureNetworkError as error:
-                raise RecipeError(f"resshift.clip: {error}") from None
+                raise RecipeError(f"vpdsr.clip: {error}") from None
             try:
-                semantic = CLIPSemanticSupervisionLoss(clip, layers=[int(x) for x in rs.semantic_layers],
-                                                       embed_weight=rs.semantic_embed, reduction="none")
-            except (ValueError, TypeError) as error:
-                raise RecipeError(f"resshift.semantic_layers: {error}") from None
-            losses["semantic"] = ImageLoss(semantic, rs.semantic, rs.vpd_target)
-        if rs.hfp:
-            losses["hfp"] = ImageLoss(HighFrequencyPerceptionLoss(rs.hfp_levels, reduction="none"), rs.hfp,
-                                      rs.vpd_target)
-        if not rs.gan:
+                semantic = CLIPSemanticSupervisionLoss(clip, layers=v.semantic_layers,
+                                                       layer_weights=v.semantic_layer_weights or None,
+                                                       embed_weight=v.semantic_embed, distance=v.semantic_distance,
+                                                       reduction="none")
+            except ValueError as error:
+                raise RecipeError(f"vpdsr.semantic_layers: {error}") from None
+            losses["semantic"] = ImageLoss(semantic, v.semantic, target)
+        if v.hfp:
+            losses["hfp"] = ImageLoss(HighFrequencyPerceptionLoss(v.hfp_levels, norm=v.hfp_norm, reduction="none"),
+                                      v.hfp, target)
+        if not config.loss.gan:
             return losses, None, None
         from ..losses import dino_discriminator as adversarial
 
@@ -63,4 +64,4 @@ class VPDSRSinSRRecipe(ResShiftDistillRecipe):
                 torch.manual_seed(config.seed)  # the heads' init and spectral-norm vectors: same every run
                 return adversarial.DinoDiscriminator.from_folder(config.model.feature_networks).to(device)
         except (FileNotFoundError, ValueError) as error:
-            raise RecipeError(f"resshift.gan > 0: {error}") from None
+            raise RecipeError(f"loss.gan > 0 needs the DINO discriminator backbone: {error}") from None
