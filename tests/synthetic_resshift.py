@@ -12,15 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from onestep_sr.models.resshift.swin_unet import (
-    SwinBlock,
-    SwinUNet,
-    SwinUNetConfig,
-    WindowAttention,
-    relative_position_index,
-    shifted_window_mask,
-)
+from onestep_sr.models.resshift.swin_unet import SwinUNet, SwinUNetConfig, WindowAttention
 from onestep_sr.models.resshift.vq_autoencoder import VQAutoencoder, VQConfig
+from onestep_sr.models.resshift.weights import published_unet_state
 
 UNET_PARAMS = dict(image_size=64, in_channels=6, model_channels=32, out_channels=3, cond_lq=True,
                    attention_resolutions=[64, 32], dropout=0, channel_mult=[1, 2], num_res_blocks=[1, 1],
@@ -46,30 +40,6 @@ def tiny_unet(seed: int = 1) -> SwinUNet:
 def tiny_vq(seed: int = 2) -> VQAutoencoder:
     torch.manual_seed(seed)
     return VQAutoencoder(VQ_CONFIG).eval()
-
-
-def published_unet_state(unet: SwinUNet) -> dict[str, torch.Tensor]:
-    """Our state dict plus the official derived buffers, keyed as the published files."""
-    state = dict(unet.state_dict())
-    for name, module in unet.named_modules():
-        if isinstance(module, WindowAttention):
-            state[f"{name}.relative_position_index"] = relative_position_index(module.window)
-        if isinstance(module, SwinBlock) and module.shift:
-            resolution = _configured_resolution(unet, name)
-            state[f"{name}.attn_mask"] = shifted_window_mask(resolution, resolution, module.window, module.shift)
-    return state
-
-
-def _configured_resolution(unet: SwinUNet, name: str) -> int:
-    level = 0
-    if name.startswith("input_blocks."):
-        index = int(name.split(".")[1])
-        level = sum(1 for i, block in enumerate(unet.input_blocks[:index]) if i and _is_down(block))
-    return unet.config.image_size // 2**level
-
-
-def _is_down(block) -> bool:
-    return type(block[0]).__name__ == "Downsample"
 
 
 def write_unet(unet: SwinUNet, path: Path, wrap: bool = False, prefix: str = "") -> Path:

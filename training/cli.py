@@ -6,19 +6,19 @@ import argparse
 import logging
 import sys
 
-DESCRIPTION = ("train a one-step SR model (OSEDiff, S3Diff) from a YAML config; multi-GPU / multi-node: "
-               "accelerate launch -m onestep_sr.training CONFIG.yaml")
+DESCRIPTION = ("train a one-step SR model (OSEDiff, S3Diff, Hero-SR, VPD-SR, HF-Diff) from a YAML config; "
+               "multi-GPU / multi-node: accelerate launch -m onestep_sr.training CONFIG.yaml")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML training config (see training/configs/osediff.yaml, s3diff.yaml)")
+    parser.add_argument("config", help="YAML training config (see training/configs/)")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue from a checkpoint folder, or a run's output folder (its latest checkpoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train", help="train OSEDiff or S3Diff on your images (needs the [train] extra)",
+    parser = subparsers.add_parser("train", help="train OSEDiff, S3Diff, Hero-SR, VPD-SR or HF-Diff on your images (needs the [train] extra)",
                                    description=DESCRIPTION)
     add_arguments(parser)
     parser.set_defaults(handler=run_train)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("osediff", "s3diff", "hero_sr", "vpdsr_sd")
+METHODS = ("osediff", "s3diff", "hero_sr", "vpdsr_sd", "hf_diff", "vpdsr_sinsr")
 DEGRADATION_PRESETS = ("osediff", "s3diff", "resshift")
 PROMPT_SOURCES = ("empty", "caption", "clip_tags")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -105,6 +105,29 @@ class LossConfig:
 
 
 @dataclass
+class ResShiftTrainConfig:
+    """The ResShift-family students (hf_diff, vpdsr_sinsr): files, SinSR distillation and the extra objectives.
+    docs/training.md ("HF-Diff recipe", "VPD-SR on SinSR") gives each value's source or reason."""
+
+    teacher: str = _f("", doc="ResShift teacher weights (resshift_realsrx4_s15_v1.pth)")
+    autoencoder: str | None = _f(None, doc="autoencoder_vq_f4.pth (default: beside the teacher)")
+    model_config: str | None = _f(None, doc="official-format YAML for other model sizes (default: SinSR's)")
+    learn_xT: bool = _f(True, doc="SinSR inverse regularisation (mse_xT)")
+    finetune_use_gt: float = _f(1.0, 0.0, 1e4, doc="SinSR consistency-preserving weight (mse_gt, and HF-Diff's hf)")
+    distill: float = _f(1.0, 0.0, 1e4, doc="vanilla distillation weight (mse)")
+    ema_rate: float = _f(0.0, 0.0, 0.99999, doc="EMA of the student, published and validated when > 0 (release: 0.999)")
+    hf_inn: str | None = _f(None, doc="HF-Diff: INN checkpoint from `onestep-sr train-inn`")
+    hf: float = _f(0.2, 0.0, 1e4, doc="HF-Diff: HF perceptual weight (the release's 0.2)")
+    dino: str | None = _f(None, doc="HF-Diff: transformers Dinov2Model folder")
+    js: float = _f(1.0, 0.0, 1e4, doc="HF-Diff: DINOv2 JS distribution-matching weight")
+    js_temperature: float = _f(1.0, 1e-6, 1e4)
+    js_tokens: str = _f("cls", choices=("cls", "mean"))
+    feature_size: int = _f(224, 14, 1024, doc="DINOv2 input size (a multiple of 14)")
+    vpd_target: str = _f("gt", choices=("gt", "teacher"),
+                         doc="vpdsr_sinsr: what ESS and HFP compare the SR with (weights in the vpdsr section)")
+
+
+@dataclass
 class OptimConfig:
     lr: float = _f(5e-5, 0.0, 1.0)
     lr_fake: float | None = _f(None, 0.0, 1.0, doc="fake-score / discriminator lr (default: lr)")
@@ -150,8 +173,9 @@ class HeroSRConfig:
 
 @dataclass
 class VPDSRConfig:
-    """VPD-SR (method vpdsr_sd) on the OSEDiff one-step student (adversarial weight: loss.gan, DINO
-    discriminator from model.feature_networks); see docs/training.md ("VPD-SR on the SD student")."""
+    """VPD-SR on the OSEDiff one-step student (method vpdsr_sd) and on the SinSR student (vpdsr_sinsr)
+    (adversarial weight: loss.gan, DINO discriminator from model.feature_networks); see docs/training.md
+    ("VPD-SR on the SD student", "VPD-SR on SinSR")."""
 
     clip: str = _f("models/clip/clip-vit-large-patch14", doc="transformers CLIPModel folder (ESS)")
     semantic: float = _f(1.0, 0.0, 1e4, doc="explicit semantic-aware supervision weight")
@@ -173,6 +197,7 @@ class TrainConfig:
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    resshift: ResShiftTrainConfig = field(default_factory=ResShiftTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     herosr: HeroSRConfig = field(default_factory=HeroSRConfig)
@@ -262,6 +287,8 @@ def _cross_checks(config: TrainConfig) -> None:
         raise ConfigError(f"data.crop = {config.data.crop} must be a multiple of 8 x scale = {8 * config.data.scale}")
     if config.method == "osediff" and config.loss.gan:
         raise ConfigError("loss.gan is S3Diff's loss; OSEDiff trains with mse, lpips and vsd")
+    if config.resshift.feature_size % 14:
+        raise ConfigError(f"resshift.feature_size = {config.resshift.feature_size} must be a multiple of 14 (DINOv2 patch)")
     if config.method == "s3diff" and config.loss.vsd:
         raise ConfigError("loss.vsd is OSEDiff's loss; set it to 0 for S3Diff")
     if config.data.prompts == "clip_tags" and not config.data.clip_tagger:
@@ -270,8 +297,10 @@ def _cross_checks(config: TrainConfig) -> None:
         raise ConfigError("S3Diff training needs model.de_net (the degradation estimator de_net.pth)")
     if config.method == "hero_sr":
         _check_hero(config)
-    if config.method == "vpdsr_sd":
+    if config.method in ("vpdsr_sd", "vpdsr_sinsr"):
         _check_vpd(config)
+    if config.method == "hf_diff" and config.loss.gan:
+        raise ConfigError("loss.gan is VPD-SR's adversarial weight; HF-Diff has no adversarial term (set it to 0)")
 
 
 def _check_hero(config: TrainConfig) -> None:
@@ -322,7 +351,8 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.validat
                      "train.logger", "train.keep_checkpoints", "data.workers", "data.pin_memory",
                      "data.validation", "data.validation_lr", "data.validation_count", "output_dir",
                      "model.feature_networks", "train.device", "model.base", "model.tokenizer", "model.de_net",
-                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip"}
+                     "data.train", "data.train_lr", "herosr.clip", "vpdsr.clip", "resshift.teacher",
+                     "resshift.autoencoder", "resshift.hf_inn", "resshift.dino"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

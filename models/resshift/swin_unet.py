@@ -177,6 +177,7 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, resolution: int, heads: int, window: int, shift: int, mlp_ratio: float):
         super().__init__()
+        self.resolution = resolution  # the configured map size (the published attn_mask is built for it)
         if resolution <= window:  # the window covers the whole (configured) map: no shift
             window, shift = resolution, 0
         self.window, self.shift = window, shift

@@ -64,6 +64,23 @@ def method_from_name(filename: str) -> str:
     )
 
 
+def published_unet_state(unet: SwinUNet) -> dict[str, torch.Tensor]:
+    """The state dict as the official `UNetModelSwin` saves it (what `HF-Diff.pth` / `SinSR_v1.pth` hold):
+    our parameters plus the derived buffers the official modules keep, every window attention's
+    `relative_position_index` and each shifted block's `attn_mask` for its configured resolution.
+    Float32 on the CPU."""
+    from .swin_unet import SwinBlock, WindowAttention, relative_position_index, shifted_window_mask
+
+    state = {k: v.detach().float().cpu().clone() for k, v in unet.state_dict().items()}
+    for name, module in unet.named_modules():
+        if isinstance(module, WindowAttention):
+            state[f"{name}.relative_position_index"] = relative_position_index(module.window)
+        if isinstance(module, SwinBlock) and module.shift:
+            state[f"{name}.attn_mask"] = shifted_window_mask(module.resolution, module.resolution, module.window,
+                                                             module.shift)
+    return state
+
+
 def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], filename: str, what: str) -> None:
     expected = module.state_dict()
     state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS}

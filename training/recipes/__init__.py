@@ -18,6 +18,8 @@ RECIPES: dict[str, str] = {
     "s3diff": "s3diff:S3DiffRecipe",
     "hero_sr": "herosr:HeroSRRecipe",
     "vpdsr_sd": "vpdsr_sd:VPDSRSDRecipe",
+    "hf_diff": "hfdiff:HFDiffRecipe",
+    "vpdsr_sinsr": "vpdsr_sinsr:VPDSRSinSRRecipe",
 }
 
 __all__ = ["RECIPES", "Phase", "PhaseLoss", "Recipe", "RecipeError", "StepInputs", "build_recipe"]
