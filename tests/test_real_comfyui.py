@@ -570,8 +570,12 @@ def test_one_base_in_server_memory(comfy, weights):
     (ckpt,) = [k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple"]
     comfy_only = {ckpt: prompt[ckpt], "901": {"class_type": "PreviewAny", "inputs": {"source": [ckpt, 0]}}}
     comfy.free()
-    empty = comfy.settled_memory()
     try:
+        # ComfyUI applies /free's flags after a queue item, so they can drop the outputs of the item queued right
+        # after them: the first run consumes them, the second holds the checkpoint (loaded now, or still cached).
+        # Without this, the baseline was sometimes taken with the checkpoint already dropped (0.8 instead of 4.9 GiB).
+        comfy.run(comfy_only)
+        empty = comfy.settled_memory()
         comfy.run(comfy_only)  # the same node id and inputs: the upscale run reuses this cached checkpoint
         with_checkpoint = comfy.settled_memory()
         comfy.reset_peak()
@@ -587,7 +591,7 @@ def test_one_base_in_server_memory(comfy, weights):
     second_copy = _unet_bytes(checkpoint)
     gib = 1 << 30
     extra = unloaded - with_checkpoint
-    print(f"[memory] server RSS: started {empty / gib:.2f} GiB; ComfyUI checkpoint only {with_checkpoint / gib:.2f} "
+    print(f"[memory] server RSS: after /free + one queue item {empty / gib:.2f} GiB; ComfyUI checkpoint only {with_checkpoint / gib:.2f} "
           f"GiB; after the pack's run (model loaded on CPU) {loaded / gib:.2f} GiB, peak {peak / gib:.2f} GiB; "
           f"models unloaded, outputs cached {unloaded / gib:.2f} GiB -> the pack holds {extra / gib:.2f} GiB beyond "
           f"ComfyUI's own (a second UNet alone would be {second_copy / gib:.2f} GiB)")
