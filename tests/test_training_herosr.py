@@ -25,13 +25,7 @@ from onestep_sr.training.trainer import train  # noqa: E402
 import tinymodels  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,7 @@ import training_fixtures as tf  # noqa: E402
 WEIGHTS = {"mse": 1.0, "lpips": 2.0, "vsd": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only add contention on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,7 @@ S3DIFF_POSITIVE = ("A high-resolution, 8K, ultra-realistic image with sharp focu
                    "lighting.")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

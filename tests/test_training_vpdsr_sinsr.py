@@ -25,16 +25,13 @@ from onestep_sr.training.losses.feature_nets import clip_pixels  # noqa: E402
 from onestep_sr.training.recipes import StepInputs, build_recipe  # noqa: E402
 from onestep_sr.training.trainer import TrainingError, train  # noqa: E402
 
+import training_fixtures as tf  # noqa: E402
+
 CPU = torch.device("cpu")
 STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +51,8 @@ def _config(files, out, steps=3, gan=0.0, vpdsr=None, **resshift):
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory):
     config = config_from_dict(_config(files, tmp_path_factory.mktemp("vpd_run"), STEPS))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one; extra threads only contend here
-    try:
+    with tf.one_thread():  # module fixtures run before the per-test one; extra threads only contend here
         return config, train(config, progress=False)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _batch(seed=0, lr_size=16):
