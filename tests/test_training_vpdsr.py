@@ -152,7 +152,6 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, nets):
 
 def test_saved_osediff_pkl_reproduces_the_trainers_forward_in_pipeline_cli_and_nodes(
         tmp_path, tiny_base_dir, nets, monkeypatch):
-    from onestep_sr.cli import main as cli_main
     from onestep_sr.models.base_models import load_base
     from onestep_sr.pipelines.model import load_onestep_model
     from onestep_sr.pipelines.onestep import OneStepPipeline, RunHooks, UpscaleSettings, upscale_input
@@ -196,23 +195,9 @@ def test_saved_osediff_pkl_reproduces_the_trainers_forward_in_pipeline_cli_and_n
           f"float64 {diff64:.2e}")
     assert diff64 < 1e-5 and diff < 1e-4, (diff64, diff)
 
-    source = tmp_path / "lr.png"
-    shutil.copy(images[0], source)
-    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base_dir),
-                     "--weights", str(folder / "osediff.safetensors"), "--dtype", "fp32", "--device", "cpu"])
-    assert code == 0 and (tmp_path / "out.png").is_file()
+    tf.assert_cli_upscales(tmp_path, images[0], tiny_base_dir, folder / "osediff.safetensors")
 
-    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
-
-    import fake_comfy
-
-    tokenizer = tmp_path / "comfy" / "tok"
-    tinymodels.write_tiny_tokenizer(tokenizer)
-    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
-    shutil.copy(folder / "osediff.pkl", comfy.models_dir / "onestep_sr" / "osediff.pkl")
-    shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
-    (handle,) = OneStepSRLoader().load("osediff.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
+    handle = tf.load_with_the_loader_node(monkeypatch, tmp_path, tiny_base_dir, [folder / "osediff.pkl"])
     assert handle.model.method.name == "osediff"
 
 
@@ -249,12 +234,7 @@ def test_refusals_and_the_gan_switch(tmp_path, tiny_base_dir, nets):
 def test_resume_reproduces_an_uninterrupted_run_with_the_discriminator(tmp_path, tiny_base_dir, nets):
     """Spectral norm's power-iteration vectors (buffers of the discriminator heads) travel in the resume state."""
     tf.write_images(tmp_path / "imgs", 3)
-    full = train(_config(tmp_path / "a", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4), progress=False)
-    first = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=2), progress=False)
-    resumed = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4),
-                    resume=first.checkpoint, progress=False)
-    combined = first.history + resumed.history
-    for a, b in zip(full.history, combined, strict=True):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    full, _, _ = tf.assert_resume_matches_an_uninterrupted_run(
+        lambda folder, steps: _config(tmp_path / folder, tiny_base_dir, nets, tmp_path / "imgs",
+                                      train__max_steps=steps))
     assert "disc" in full.history[-1]

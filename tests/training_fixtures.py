@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -107,3 +108,54 @@ def write_tiny_clip(folder: Path, seed: int = 4) -> Path:
     )
     CLIPModel(config).save_pretrained(folder)
     return folder
+
+
+def assert_cli_upscales(tmp_path: Path, image: Path, base_dir: Path, weights: Path) -> None:
+    """`onestep-sr upscale` on one copied LR image with the trained weights writes its output."""
+    import shutil
+
+    from onestep_sr.cli import main as cli_main
+
+    source = tmp_path / "lr.png"
+    shutil.copy(image, source)
+    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(base_dir),
+                     "--weights", str(weights), "--dtype", "fp32", "--device", "cpu"])
+    assert code == 0 and (tmp_path / "out.png").is_file()
+
+
+def load_with_the_loader_node(monkeypatch, tmp_path: Path, base_dir: Path, files: list[Path]):
+    """The loader node on a fake ComfyUI models folder holding `files` (the first is the weights file
+    chosen) and the base under diffusers/tiny; returns the node's model handle."""
+    import shutil
+
+    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
+
+    import fake_comfy
+    import tinymodels
+
+    tokenizer = tmp_path / "comfy" / "tok"
+    tinymodels.write_tiny_tokenizer(tokenizer)
+    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
+    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
+    for path in files:
+        shutil.copy(path, comfy.models_dir / "onestep_sr" / path.name)
+    shutil.copytree(base_dir, comfy.models_dir / "diffusers" / "tiny")
+    (handle,) = OneStepSRLoader().load(files[0].name, DIFFUSERS_PREFIX + "tiny", "fp32")
+    return handle
+
+
+def assert_resume_matches_an_uninterrupted_run(config) -> tuple:
+    """`config(folder, max_steps)` -> TrainConfig. Trains 4 steps in folder a, and 2 then 2 resumed in
+    folder b; every logged loss of the resumed pair matches the straight run. Returns (full, resumed,
+    combined history)."""
+    from onestep_sr.training.trainer import train
+
+    full = train(config("a", 4), progress=False)
+    first = train(config("b", 2), progress=False)
+    resumed = train(config("b", 4), resume=first.checkpoint, progress=False)
+    combined = first.history + resumed.history
+    assert len(combined) == 4
+    for a, b in zip(full.history, combined, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    return full, resumed, combined
