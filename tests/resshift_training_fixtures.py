@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import synthetic_resshift as syn
-import tinymodels
 import training_fixtures as tf
 
 TEACHER = "resshift_realsrx4_s15_v1.pth"
@@ -55,24 +54,6 @@ def write_dino(folder: Path) -> Path:
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                           image_size=28, patch_size=14)
     Dinov2Model(config).save_pretrained(folder)
-    return folder
-
-
-def write_clip(folder: Path) -> Path:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    tinymodels.write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
-                           image_size=28, patch_size=14, hidden_act="gelu"),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
     return folder
 
 

@@ -21,7 +21,6 @@ from onestep_sr.training.osediff import StepRandom  # noqa: E402
 from onestep_sr.training.recipes import build_recipe  # noqa: E402
 from onestep_sr.training.trainer import train  # noqa: E402
 
-import tinymodels  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,27 +147,6 @@ def test_alpha_gradient_switch_keeps_the_forward_and_changes_only_the_dtsm_gradi
     assert float(grads[1].abs().sum()) > 0 and not torch.allclose(grads[0], grads[1])
 
 
-def _reachable_pair(tmp_path, tiny_base):
-    """A base with a nearly deterministic VAE posterior and an HR image its decoder can produce."""
-    from PIL import Image
-
-    base = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        base.vae.quant_conv.weight[4:] = 0
-        base.vae.quant_conv.bias[4:] = -12
-    tinymodels.save_diffusers_folder(base, tmp_path / "base")
-    g = torch.Generator().manual_seed(11)
-    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
-    with torch.no_grad():
-        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
-    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    for folder in ("hr", "lr"):
-        (tmp_path / folder).mkdir()
-    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
-    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
-    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
-
-
 def _fixed_draw_losses(model, lq, gt, embeds, draws=8):
     """Mean losses over fixed VAE/Gumbel draws with the DTSM in eval mode: the per-step log mixes in a
     new random t every step, which on a tiny model is noisier than the progress being measured."""
@@ -184,7 +162,7 @@ def _overfit(tmp_path, tiny_base, nets, monkeypatch, steps, **overrides):
     from onestep_sr.training import recipes
     from onestep_sr.training.data import read_rgb
 
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     built, start = [], []
     real_build = recipes.build_recipe
 

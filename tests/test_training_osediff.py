@@ -190,28 +190,6 @@ def _config(tmp_path, tiny_base_dir, features, train_dir, **overrides):
     return config_from_dict(tf.tiny_config(tmp_path, tiny_base_dir, features, train_dir, **overrides))
 
 
-def _reachable_pair(tmp_path, tiny_base):
-    """A base whose VAE posterior is nearly deterministic (as SD's is; the random tiny VAE's std is ~1),
-    an HR image its frozen decoder can produce, and the bicubic LR: overfitting has somewhere to go."""
-    from PIL import Image
-
-    base = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        base.vae.quant_conv.weight[4:] = 0
-        base.vae.quant_conv.bias[4:] = -12  # log-variance channels
-    tinymodels.save_diffusers_folder(base, tmp_path / "base")
-    g = torch.Generator().manual_seed(11)
-    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
-    with torch.no_grad():
-        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
-    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    for folder in ("hr", "lr"):
-        (tmp_path / folder).mkdir()
-    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
-    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
-    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
-
-
 def _overfit(tmp_path, base, features, hr, lr, losses, steps=16):
     config = _config(tmp_path, base, features, hr, data={
         "train": str(hr), "train_lr": str(lr), "crop": 64, "workers": 0, "pin_memory": False, "flip": False},
@@ -225,7 +203,7 @@ def _overfit(tmp_path, base, features, hr, lr, losses, steps=16):
 def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
     """Reconstruction (MSE + LPIPS x2) falls; with VSD on, the fake score's eps-MSE falls as it tracks
     the generator. (VSD itself measures the distance to a random tiny 'real' UNet: no target to reach.)"""
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     first, last = _overfit(tmp_path / "rec", base, features, hr, lr, {"mse": 1.0, "lpips": 2.0, "vsd": 0.0})
     assert last["total"] < 0.95 * first["total"] and last["lpips"] < 0.95 * first["lpips"], (first, last)
     assert last["mse"] < first["mse"], (first, last)

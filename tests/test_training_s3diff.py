@@ -245,9 +245,8 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
     trade off against it); the discriminator (target 0.8 for the fixed GT, 0 for the output) learns:
     its summed loss falls too. The published init is slow to start (B = 0 and M ~ 1e-5: LoRA grows
     only as Adam moves both), hence 32 steps."""
-    from test_training_osediff import _reachable_pair
 
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     config = _config(tmp_path, base, features, hr, train__max_steps=32, train__batch_size=1, optim__lr=1e-3,
                      loss__negative_sample_prob=0.0)
     config.data.train_lr, config.data.flip = str(lr), False

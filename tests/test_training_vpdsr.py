@@ -5,7 +5,6 @@ through pipeline / CLI / nodes against the trainer's own forward, refusals."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
@@ -24,7 +23,6 @@ from onestep_sr.training.osediff import StepRandom  # noqa: E402
 from onestep_sr.training.recipes import build_recipe  # noqa: E402
 from onestep_sr.training.trainer import train  # noqa: E402
 
-import tinymodels  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,30 +106,10 @@ def test_phases_train_their_own_parameters_and_the_terms_match_the_loss_modules(
         assert torch.equal(everything[name], value), name
 
 
-def _reachable_pair(tmp_path, tiny_base):
-    from PIL import Image
-
-    base = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        base.vae.quant_conv.weight[4:] = 0
-        base.vae.quant_conv.bias[4:] = -12
-    tinymodels.save_diffusers_folder(base, tmp_path / "base")
-    g = torch.Generator().manual_seed(11)
-    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
-    with torch.no_grad():
-        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
-    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    for folder in ("hr", "lr"):
-        (tmp_path / folder).mkdir()
-    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
-    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
-    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
-
-
 def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, nets):
     """The student's terms (MSE, LPIPS, ESS, HFP) fall; with the GAN on, the discriminator's loss falls
     as it learns to tell the (fixed) GT from the student's output."""
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     data = {"train": str(hr), "train_lr": str(lr), "crop": 64, "workers": 0, "pin_memory": False, "flip": False}
     history = train(_config(tmp_path / "a", base, nets, hr, data=data, train__max_steps=16, train__batch_size=1,
                             optim__lr=5e-3, loss={"mse": 1.0, "lpips": 2.0, "vsd": 0.0, "gan": 0.0}),

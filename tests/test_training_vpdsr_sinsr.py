@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = rf.write_family(tmp_path_factory.mktemp("vpdsr"))
-    rf.write_clip(root / "clip")
+    tf.write_tiny_clip(root / "clip")
     return root
 
 

@@ -159,3 +159,28 @@ def assert_resume_matches_an_uninterrupted_run(config) -> tuple:
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     return full, resumed, combined
+
+
+def write_reachable_pair(tmp_path: Path, tiny_base) -> tuple[Path, Path, Path]:
+    """A base whose VAE posterior is nearly deterministic (as SD's is; the random tiny VAE's std is ~1),
+    an HR image its frozen decoder can produce, and the bicubic LR: overfitting has somewhere to go.
+    Returns (base folder, hr folder, lr folder)."""
+    import copy
+
+    import tinymodels
+
+    base = copy.deepcopy(tiny_base)
+    with torch.no_grad():
+        base.vae.quant_conv.weight[4:] = 0
+        base.vae.quant_conv.bias[4:] = -12  # log-variance channels
+    tinymodels.save_diffusers_folder(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(11)
+    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
+    with torch.no_grad():
+        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
+    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for folder in ("hr", "lr"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
+    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
+    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
