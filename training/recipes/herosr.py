@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import buffers_state, load_buffers
 from ..config import TrainConfig
 from ..prompts import PromptEncoder
-from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs, buffers_state, load_buffers
+from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 from .osediff import load_lpips
 
 

@@ -18,16 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import discriminator_state, load_discriminator_state
 from ..config import TrainConfig
-from .base import (
-    Phase,
-    PhaseLoss,
-    Recipe,
-    RecipeError,
-    StepInputs,
-    discriminator_state,
-    load_discriminator_state,
-)
+from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 
 log = logging.getLogger("onestep_sr.training")
 NOISE_STREAM = 1

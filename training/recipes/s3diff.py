@@ -16,17 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import discriminator_state, load_discriminator_state
 from ..config import TrainConfig
 from ..prompts import PromptEncoder
-from .base import (
-    Phase,
-    PhaseLoss,
-    Recipe,
-    RecipeError,
-    StepInputs,
-    discriminator_state,
-    load_discriminator_state,
-)
+from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 from .osediff import load_lpips
 
 log = logging.getLogger("onestep_sr.training")

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..checkpoints import discriminator_state, load_discriminator_state
 from ..config import TrainConfig
-from .base import Phase, PhaseLoss, RecipeError, StepInputs, discriminator_state, load_discriminator_state
+from .base import Phase, PhaseLoss, RecipeError, StepInputs
 from .osediff import OSEDiffRecipe
 
 
