@@ -89,3 +89,23 @@ def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(module: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, snapshot[k]) for k, v in module.state_dict().items())
+
+
+def train_once(values: dict):
+    """Train a config dict on one torch thread (module fixtures run before the per-test `one_thread`
+    fixture; extra threads only contend on shared CPUs). Returns (TrainConfig, result)."""
+    from onestep_sr.training.config import config_from_dict
+    from onestep_sr.training.trainer import train
+
+    config = config_from_dict(values)
+    with tf.one_thread():
+        return config, train(config, progress=False)
+
+
+def random_batch(seed: int = 0, lr_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two random LR images in [-1, 1], their x4 GT, and LR-sized noise, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    lq = torch.rand(2, 3, lr_size, lr_size, generator=g) * 2 - 1
+    gt = torch.rand(2, 3, lr_size * 4, lr_size * 4, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, lr_size, lr_size, generator=g)
+    return lq, gt, noise
