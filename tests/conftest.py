@@ -25,6 +25,15 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import training_fixtures
+
+    with training_fixtures.one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny SD-2-structured base (UNet, VAE, text encoder, tokenizer), random but seeded."""

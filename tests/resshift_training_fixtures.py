@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import synthetic_resshift as syn
-import tinymodels
 import training_fixtures as tf
 
 TEACHER = "resshift_realsrx4_s15_v1.pth"
@@ -58,24 +57,6 @@ def write_dino(folder: Path) -> Path:
     return folder
 
 
-def write_clip(folder: Path) -> Path:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    tinymodels.write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
-                           image_size=28, patch_size=14, hidden_act="gelu"),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    return folder
-
-
 def config(root: Path, out: Path, method: str, steps: int = 3, **resshift) -> dict:
     hr, lr = root / "data" / "hr", root / "data" / "lr"
     if not hr.is_dir():
@@ -108,3 +89,23 @@ def state_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(module: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, snapshot[k]) for k, v in module.state_dict().items())
+
+
+def train_once(values: dict):
+    """Train a config dict on one torch thread (module fixtures run before the per-test `one_thread`
+    fixture; extra threads only contend on shared CPUs). Returns (TrainConfig, result)."""
+    from onestep_sr.training.config import config_from_dict
+    from onestep_sr.training.trainer import train
+
+    config = config_from_dict(values)
+    with tf.one_thread():
+        return config, train(config, progress=False)
+
+
+def random_batch(seed: int = 0, lr_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two random LR images in [-1, 1], their x4 GT, and LR-sized noise, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    lq = torch.rand(2, 3, lr_size, lr_size, generator=g) * 2 - 1
+    gt = torch.rand(2, 3, lr_size * 4, lr_size * 4, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, lr_size, lr_size, generator=g)
+    return lq, gt, noise

@@ -21,13 +21,7 @@ from onestep_sr.training.losses.hf_perceptual import HighFrequencyPerceptualLoss
 TINY = HFInnConfig(channels=8, num_layers=3, hidden_channels=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster on one thread than on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _extractor(seed=0, config=TINY):

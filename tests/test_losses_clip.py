@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from onestep_sr.models.clip_tags import clip_preprocess
 from onestep_sr.training.losses.feature_nets import FeatureNetworkError, load_clip
@@ -16,26 +15,13 @@ from onestep_sr.training.losses.owms import (
 )
 from onestep_sr.training.losses.vpd_semantic import CLIPSemanticSupervisionLoss
 
-import tinymodels
+import training_fixtures as tf
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIPModel + character-level tokenizer saved as a transformers folder."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tinymodels.write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    torch.manual_seed(4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77, hidden_act="gelu",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
-                           image_size=28, patch_size=14, hidden_act="gelu"),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    return folder
+    return tf.write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ forward, resume with the DTSM's BatchNorm statistics, config refusals."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import numpy as np
 import pytest
@@ -22,16 +21,9 @@ from onestep_sr.training.osediff import StepRandom  # noqa: E402
 from onestep_sr.training.recipes import build_recipe  # noqa: E402
 from onestep_sr.training.trainer import train  # noqa: E402
 
-import tinymodels  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -155,27 +147,6 @@ def test_alpha_gradient_switch_keeps_the_forward_and_changes_only_the_dtsm_gradi
     assert float(grads[1].abs().sum()) > 0 and not torch.allclose(grads[0], grads[1])
 
 
-def _reachable_pair(tmp_path, tiny_base):
-    """A base with a nearly deterministic VAE posterior and an HR image its decoder can produce."""
-    from PIL import Image
-
-    base = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        base.vae.quant_conv.weight[4:] = 0
-        base.vae.quant_conv.bias[4:] = -12
-    tinymodels.save_diffusers_folder(base, tmp_path / "base")
-    g = torch.Generator().manual_seed(11)
-    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
-    with torch.no_grad():
-        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
-    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    for folder in ("hr", "lr"):
-        (tmp_path / folder).mkdir()
-    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
-    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
-    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
-
-
 def _fixed_draw_losses(model, lq, gt, embeds, draws=8):
     """Mean losses over fixed VAE/Gumbel draws with the DTSM in eval mode: the per-step log mixes in a
     new random t every step, which on a tiny model is noisier than the progress being measured."""
@@ -191,7 +162,7 @@ def _overfit(tmp_path, tiny_base, nets, monkeypatch, steps, **overrides):
     from onestep_sr.training import recipes
     from onestep_sr.training.data import read_rgb
 
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     built, start = [], []
     real_build = recipes.build_recipe
 
@@ -228,7 +199,6 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, nets, monkeypatc
 
 def test_saved_file_reproduces_the_trainers_forward_in_pipeline_cli_and_nodes(tmp_path, tiny_base_dir, tiny_base,
                                                                             nets, monkeypatch):
-    from onestep_sr.cli import main as cli_main
     from onestep_sr.models.base_models import load_base
     from onestep_sr.models.dtsm import select_timesteps
     from onestep_sr.pipelines.model import load_onestep_model
@@ -284,36 +254,17 @@ def test_saved_file_reproduces_the_trainers_forward_in_pipeline_cli_and_nodes(tm
           f"float64 {diff64:.2e} (t={int(conditions.timesteps)})")
     assert diff64 < 1e-5 and diff < 1e-4, (diff64, diff)
 
-    source = tmp_path / "lr.png"
-    shutil.copy(images[0], source)
-    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base_dir),
-                     "--weights", str(folder / "hero_sr_model.safetensors"), "--dtype", "fp32", "--device", "cpu"])
-    assert code == 0 and (tmp_path / "out.png").is_file()
+    tf.assert_cli_upscales(tmp_path, images[0], tiny_base_dir, folder / "hero_sr_model.safetensors")
 
-    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
-
-    import fake_comfy
-
-    tokenizer = tmp_path / "comfy" / "tok"
-    tinymodels.write_tiny_tokenizer(tokenizer)
-    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
-    shutil.copy(folder / "hero_sr_model.pkl", comfy.models_dir / "onestep_sr" / "hero_sr_model.pkl")
-    shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
-    (handle,) = OneStepSRLoader().load("hero_sr_model.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
+    handle = tf.load_with_the_loader_node(monkeypatch, tmp_path, tiny_base_dir, [folder / "hero_sr_model.pkl"])
     assert handle.model.method.name == "hero_sr" and handle.model.dtsm is not None
 
 
 def test_resume_restores_the_dtsm_statistics(tmp_path, tiny_base_dir, nets):
     tf.write_images(tmp_path / "imgs", 3)
-    full = train(_config(tmp_path / "a", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4), progress=False)
-    first = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=2), progress=False)
-    resumed = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4),
-                    resume=first.checkpoint, progress=False)
-    combined = first.history + resumed.history
-    for a, b in zip(full.history, combined, strict=True):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    full, resumed, _ = tf.assert_resume_matches_an_uninterrupted_run(
+        lambda folder, steps: _config(tmp_path / folder, tiny_base_dir, nets, tmp_path / "imgs",
+                                      train__max_steps=steps))
     final = torch.load(full.checkpoint / "hero_sr_model.pkl", weights_only=False)["state_dict_time_adaptive"]
     again = torch.load(resumed.checkpoint / "hero_sr_model.pkl", weights_only=False)["state_dict_time_adaptive"]
     for key in ("conv1.1.running_mean", "conv1.1.running_var", "conv1.1.num_batches_tracked"):

@@ -30,12 +30,7 @@ CPU = torch.device("cpu")
 STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +48,13 @@ def _config(files, out, steps=3, **resshift):
 
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hfdiff_run")
-    config = config_from_dict(_config(files, out, STEPS))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one; extra threads only contend here
-    try:
-        return config, train(config, progress=False)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _batch(seed=0, lr_size=16):
-    g = torch.Generator().manual_seed(seed)
-    lq = torch.rand(2, 3, lr_size, lr_size, generator=g) * 2 - 1
-    gt = torch.rand(2, 3, lr_size * 4, lr_size * 4, generator=g) * 2 - 1
-    noise = torch.randn(2, 3, lr_size, lr_size, generator=g)
-    return lq, gt, noise
+    return rf.train_once(_config(files, tmp_path_factory.mktemp("hfdiff_run"), STEPS))
 
 
 def test_one_step_matches_a_hand_composition_of_the_published_terms(files, tmp_path):
     recipe = build_recipe(config_from_dict(_config(files, tmp_path / "run")), CPU)
     model = recipe.model.eval()
-    lq, gt, noise = _batch()
+    lq, gt, noise = rf.random_batch()
     with torch.no_grad():
         got = model(mode="generator", lq=lq, gt=gt, noise=noise)
 
@@ -135,7 +115,7 @@ def test_only_the_student_learns_frozen_parts_stay_bit_identical(files, tmp_path
     assert trainable == {id(p) for p in model.student.parameters()}
     assert all(name.startswith("student.") for name, _ in phase.parameters)
     optimizer = torch.optim.AdamW([p for _, p in phase.parameters], lr=1e-3)
-    lq, gt, _ = _batch(1)
+    lq, gt, _ = rf.random_batch(1)
     batch = {"lr": (lq + 1) / 2, "id": torch.tensor([0, 1])}
     inputs = StepInputs(lq=F.interpolate(lq, scale_factor=4, mode="bicubic"), gt=gt, batch=batch, micro_step=0, seed=3)
     for part in recipe.micro_step(model, model, inputs):

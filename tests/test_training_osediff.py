@@ -5,7 +5,6 @@ round trip through the CLI / nodes / pipeline, resume."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import numpy as np
 import pytest
@@ -36,13 +35,7 @@ import training_fixtures as tf  # noqa: E402
 WEIGHTS = {"mse": 1.0, "lpips": 2.0, "vsd": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only add contention on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -197,28 +190,6 @@ def _config(tmp_path, tiny_base_dir, features, train_dir, **overrides):
     return config_from_dict(tf.tiny_config(tmp_path, tiny_base_dir, features, train_dir, **overrides))
 
 
-def _reachable_pair(tmp_path, tiny_base):
-    """A base whose VAE posterior is nearly deterministic (as SD's is; the random tiny VAE's std is ~1),
-    an HR image its frozen decoder can produce, and the bicubic LR: overfitting has somewhere to go."""
-    from PIL import Image
-
-    base = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        base.vae.quant_conv.weight[4:] = 0
-        base.vae.quant_conv.bias[4:] = -12  # log-variance channels
-    tinymodels.save_diffusers_folder(base, tmp_path / "base")
-    g = torch.Generator().manual_seed(11)
-    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
-    with torch.no_grad():
-        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
-    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    for folder in ("hr", "lr"):
-        (tmp_path / folder).mkdir()
-    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
-    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
-    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
-
-
 def _overfit(tmp_path, base, features, hr, lr, losses, steps=16):
     config = _config(tmp_path, base, features, hr, data={
         "train": str(hr), "train_lr": str(lr), "crop": 64, "workers": 0, "pin_memory": False, "flip": False},
@@ -232,7 +203,7 @@ def _overfit(tmp_path, base, features, hr, lr, losses, steps=16):
 def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
     """Reconstruction (MSE + LPIPS x2) falls; with VSD on, the fake score's eps-MSE falls as it tracks
     the generator. (VSD itself measures the distance to a random tiny 'real' UNet: no target to reach.)"""
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     first, last = _overfit(tmp_path / "rec", base, features, hr, lr, {"mse": 1.0, "lpips": 2.0, "vsd": 0.0})
     assert last["total"] < 0.95 * first["total"] and last["lpips"] < 0.95 * first["lpips"], (first, last)
     assert last["mse"] < first["mse"], (first, last)
@@ -241,7 +212,6 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
 
 
 def test_checkpoint_round_trip_cli_nodes_and_pipeline(tmp_path, tiny_base_dir, tiny_base, features, monkeypatch):
-    from onestep_sr.cli import main as cli_main
     from onestep_sr.models.base_models import load_base
     from onestep_sr.pipelines.model import load_onestep_model
     from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings, upscale_input
@@ -287,39 +257,17 @@ def test_checkpoint_round_trip_cli_nodes_and_pipeline(tmp_path, tiny_base_dir, t
         print(f"trainer forward vs pipeline ({weights}): max |difference| {diff:.2e}")
         assert diff < 1e-5, (weights, diff)
 
-    source = tmp_path / "lr.png"
-    shutil.copy(images[0], source)
-    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base_dir),
-                     "--weights", str(folder / "osediff.safetensors"), "--dtype", "fp32", "--device", "cpu"])
-    assert code == 0 and (tmp_path / "out.png").is_file()
+    tf.assert_cli_upscales(tmp_path, images[0], tiny_base_dir, folder / "osediff.safetensors")
 
-    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
-
-    import fake_comfy
-
-    tokenizer = tmp_path / "comfy" / "tok"
-    tinymodels.write_tiny_tokenizer(tokenizer)
-    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
-    shutil.copy(folder / "osediff.pkl", comfy.models_dir / "onestep_sr" / "osediff.pkl")
-    shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
-    (handle,) = OneStepSRLoader().load("osediff.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
+    handle = tf.load_with_the_loader_node(monkeypatch, tmp_path, tiny_base_dir, [folder / "osediff.pkl"])
     assert handle.model.method.name == "osediff"
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_base_dir, features):
     tf.write_images(tmp_path / "imgs", 3)
-    full = train(_config(tmp_path / "a", tiny_base_dir, features, tmp_path / "imgs", train__max_steps=4),
-                 progress=False)
-    first = train(_config(tmp_path / "b", tiny_base_dir, features, tmp_path / "imgs", train__max_steps=2),
-                  progress=False)
-    resumed = train(_config(tmp_path / "b", tiny_base_dir, features, tmp_path / "imgs", train__max_steps=4),
-                    resume=first.checkpoint, progress=False)
-    combined = first.history + resumed.history
-    assert len(combined) == 4
-    for a, b in zip(full.history, combined, strict=True):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    tf.assert_resume_matches_an_uninterrupted_run(
+        lambda folder, steps: _config(tmp_path / folder, tiny_base_dir, features, tmp_path / "imgs",
+                                      train__max_steps=steps))
     with pytest.raises(ValueError, match="optim.lr"):
         train(_config(tmp_path / "b", tiny_base_dir, features, tmp_path / "imgs", train__max_steps=5,
                       optim__lr=1e-4), resume=tmp_path / "b" / "run", progress=False)

@@ -5,8 +5,6 @@ through the inference pipeline, the CLI and the loader node."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -38,12 +36,7 @@ S3DIFF_POSITIVE = ("A high-resolution, 8K, ultra-realistic image with sharp focu
                    "lighting.")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +245,8 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, features):
     trade off against it); the discriminator (target 0.8 for the fixed GT, 0 for the output) learns:
     its summed loss falls too. The published init is slow to start (B = 0 and M ~ 1e-5: LoRA grows
     only as Adam moves both), hence 32 steps."""
-    from test_training_osediff import _reachable_pair
 
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     config = _config(tmp_path, base, features, hr, train__max_steps=32, train__batch_size=1, optim__lr=1e-3,
                      loss__negative_sample_prob=0.0)
     config.data.train_lr, config.data.flip = str(lr), False
@@ -270,7 +262,6 @@ def test_checkpoint_round_trip_pipeline_cli_and_node(tmp_path, tiny_base, tiny_b
     """Fine-tune from a published-layout s3diff.pkl (random LoRA and MLPs: M far from 0), save, and
     run the saved file through the inference pipeline (guidance 1: the trainer's single pass), the
     CLI and the loader node. The trainer's own forward on the same input matches to < 1e-5."""
-    from onestep_sr.cli import main as cli_main
     from onestep_sr.models.base_models import load_base
     from onestep_sr.pipelines.model import load_onestep_model
     from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings, upscale_input
@@ -309,25 +300,10 @@ def test_checkpoint_round_trip_pipeline_cli_and_node(tmp_path, tiny_base, tiny_b
         print(f"trainer forward vs pipeline ({weights}): max |difference| {diff:.2e}")
         assert diff < 1e-5, (weights, diff)
 
-    source = tmp_path / "lr.png"
-    shutil.copy(images[0], source)
-    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base_dir),
-                     "--weights", str(folder / "s3diff.pkl"), "--dtype", "fp32", "--device", "cpu"])
-    assert code == 0 and (tmp_path / "out.png").is_file()
+    tf.assert_cli_upscales(tmp_path, images[0], tiny_base_dir, folder / "s3diff.pkl")
 
-    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
-
-    import fake_comfy
-    import tinymodels
-
-    tokenizer = tmp_path / "comfy" / "tok"
-    tinymodels.write_tiny_tokenizer(tokenizer)
-    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
-    for name in ("s3diff.pkl", "de_net.pth"):
-        shutil.copy(folder / name, comfy.models_dir / "onestep_sr" / name)
-    shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
-    (handle,) = OneStepSRLoader().load("s3diff.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
+    handle = tf.load_with_the_loader_node(monkeypatch, tmp_path, tiny_base_dir,
+                                          [folder / "s3diff.pkl", folder / "de_net.pth"])
     assert handle.model.method.name == "s3diff" and handle.model.degradation_estimator is not None
 
 
@@ -477,11 +453,5 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_base_dir, feature
         return _config(tmp_path / folder, tiny_base_dir, features, tmp_path / "imgs", train__max_steps=steps,
                        loss__negative_sample_prob=0.5)
 
-    full = train(config("a", 4), progress=False)
-    first = train(config("b", 2), progress=False)
-    resumed = train(config("b", 4), resume=first.checkpoint, progress=False)
-    combined = first.history + resumed.history
-    assert len(combined) == 4 and any(h["negative"] > 0 for h in combined)
-    for a, b in zip(full.history, combined, strict=True):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    _, _, combined = tf.assert_resume_matches_an_uninterrupted_run(config)
+    assert any(h["negative"] > 0 for h in combined)

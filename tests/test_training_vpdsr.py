@@ -5,7 +5,6 @@ through pipeline / CLI / nodes against the trainer's own forward, refusals."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 
 import numpy as np
@@ -24,16 +23,9 @@ from onestep_sr.training.osediff import StepRandom  # noqa: E402
 from onestep_sr.training.recipes import build_recipe  # noqa: E402
 from onestep_sr.training.trainer import train  # noqa: E402
 
-import tinymodels  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -114,30 +106,10 @@ def test_phases_train_their_own_parameters_and_the_terms_match_the_loss_modules(
         assert torch.equal(everything[name], value), name
 
 
-def _reachable_pair(tmp_path, tiny_base):
-    from PIL import Image
-
-    base = copy.deepcopy(tiny_base)
-    with torch.no_grad():
-        base.vae.quant_conv.weight[4:] = 0
-        base.vae.quant_conv.bias[4:] = -12
-    tinymodels.save_diffusers_folder(base, tmp_path / "base")
-    g = torch.Generator().manual_seed(11)
-    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
-    with torch.no_grad():
-        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
-    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    for folder in ("hr", "lr"):
-        (tmp_path / folder).mkdir()
-    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
-    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
-    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"
-
-
 def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, nets):
     """The student's terms (MSE, LPIPS, ESS, HFP) fall; with the GAN on, the discriminator's loss falls
     as it learns to tell the (fixed) GT from the student's output."""
-    base, hr, lr = _reachable_pair(tmp_path, tiny_base)
+    base, hr, lr = tf.write_reachable_pair(tmp_path, tiny_base)
     data = {"train": str(hr), "train_lr": str(lr), "crop": 64, "workers": 0, "pin_memory": False, "flip": False}
     history = train(_config(tmp_path / "a", base, nets, hr, data=data, train__max_steps=16, train__batch_size=1,
                             optim__lr=5e-3, loss={"mse": 1.0, "lpips": 2.0, "vsd": 0.0, "gan": 0.0}),
@@ -158,7 +130,6 @@ def test_losses_fall_on_a_tiny_overfit_set(tmp_path, tiny_base, nets):
 
 def test_saved_osediff_pkl_reproduces_the_trainers_forward_in_pipeline_cli_and_nodes(
         tmp_path, tiny_base_dir, nets, monkeypatch):
-    from onestep_sr.cli import main as cli_main
     from onestep_sr.models.base_models import load_base
     from onestep_sr.pipelines.model import load_onestep_model
     from onestep_sr.pipelines.onestep import OneStepPipeline, RunHooks, UpscaleSettings, upscale_input
@@ -202,23 +173,9 @@ def test_saved_osediff_pkl_reproduces_the_trainers_forward_in_pipeline_cli_and_n
           f"float64 {diff64:.2e}")
     assert diff64 < 1e-5 and diff < 1e-4, (diff64, diff)
 
-    source = tmp_path / "lr.png"
-    shutil.copy(images[0], source)
-    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(tiny_base_dir),
-                     "--weights", str(folder / "osediff.safetensors"), "--dtype", "fp32", "--device", "cpu"])
-    assert code == 0 and (tmp_path / "out.png").is_file()
+    tf.assert_cli_upscales(tmp_path, images[0], tiny_base_dir, folder / "osediff.safetensors")
 
-    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
-
-    import fake_comfy
-
-    tokenizer = tmp_path / "comfy" / "tok"
-    tinymodels.write_tiny_tokenizer(tokenizer)
-    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
-    shutil.copy(folder / "osediff.pkl", comfy.models_dir / "onestep_sr" / "osediff.pkl")
-    shutil.copytree(tiny_base_dir, comfy.models_dir / "diffusers" / "tiny")
-    (handle,) = OneStepSRLoader().load("osediff.pkl", DIFFUSERS_PREFIX + "tiny", "fp32")
+    handle = tf.load_with_the_loader_node(monkeypatch, tmp_path, tiny_base_dir, [folder / "osediff.pkl"])
     assert handle.model.method.name == "osediff"
 
 
@@ -255,12 +212,7 @@ def test_refusals_and_the_gan_switch(tmp_path, tiny_base_dir, nets):
 def test_resume_reproduces_an_uninterrupted_run_with_the_discriminator(tmp_path, tiny_base_dir, nets):
     """Spectral norm's power-iteration vectors (buffers of the discriminator heads) travel in the resume state."""
     tf.write_images(tmp_path / "imgs", 3)
-    full = train(_config(tmp_path / "a", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4), progress=False)
-    first = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=2), progress=False)
-    resumed = train(_config(tmp_path / "b", tiny_base_dir, nets, tmp_path / "imgs", train__max_steps=4),
-                    resume=first.checkpoint, progress=False)
-    combined = first.history + resumed.history
-    for a, b in zip(full.history, combined, strict=True):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    full, _, _ = tf.assert_resume_matches_an_uninterrupted_run(
+        lambda folder, steps: _config(tmp_path / folder, tiny_base_dir, nets, tmp_path / "imgs",
+                                      train__max_steps=steps))
     assert "disc" in full.history[-1]

@@ -25,22 +25,19 @@ from onestep_sr.training.losses.feature_nets import clip_pixels  # noqa: E402
 from onestep_sr.training.recipes import StepInputs, build_recipe  # noqa: E402
 from onestep_sr.training.trainer import TrainingError, train  # noqa: E402
 
+import training_fixtures as tf  # noqa: E402
+
 CPU = torch.device("cpu")
 STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = rf.write_family(tmp_path_factory.mktemp("vpdsr"))
-    rf.write_clip(root / "clip")
+    tf.write_tiny_clip(root / "clip")
     return root
 
 
@@ -53,20 +50,7 @@ def _config(files, out, steps=3, gan=0.0, vpdsr=None, **resshift):
 
 @pytest.fixture(scope="module")
 def trained(files, tmp_path_factory):
-    config = config_from_dict(_config(files, tmp_path_factory.mktemp("vpd_run"), STEPS))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one; extra threads only contend here
-    try:
-        return config, train(config, progress=False)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _batch(seed=0, lr_size=16):
-    g = torch.Generator().manual_seed(seed)
-    lq = torch.rand(2, 3, lr_size, lr_size, generator=g) * 2 - 1
-    gt = torch.rand(2, 3, lr_size * 4, lr_size * 4, generator=g) * 2 - 1
-    return lq, gt, torch.randn(2, 3, lr_size, lr_size, generator=g)
+    return rf.train_once(_config(files, tmp_path_factory.mktemp("vpd_run"), STEPS))
 
 
 def _haar_details(x):
@@ -79,7 +63,7 @@ def _haar_details(x):
 def test_one_step_matches_a_hand_composition(files, tmp_path, target):
     recipe = build_recipe(config_from_dict(_config(files, tmp_path / "run", vpd_target=target)), CPU)
     model = recipe.model.eval()
-    lq, gt, noise = _batch()
+    lq, gt, noise = rf.random_batch()
     with torch.no_grad():
         got = model(mode="generator", lq=lq, gt=gt, noise=noise)
         # The SinSR part is checked term by term in test_training_hfdiff; here: its sum, plus the VPD terms.
@@ -128,7 +112,7 @@ def test_only_the_student_learns_frozen_parts_stay_bit_identical(files, tmp_path
     (phase,) = recipe.phases
     assert {id(p) for _, p in phase.parameters} == {id(p) for p in model.student.parameters()}
     optimizer = torch.optim.AdamW([p for _, p in phase.parameters], lr=1e-3)
-    lq, gt, _ = _batch(1)
+    lq, gt, _ = rf.random_batch(1)
     inputs = StepInputs(lq=F.interpolate(lq, scale_factor=4, mode="bicubic"), gt=gt,
                         batch={"lr": (lq + 1) / 2, "id": torch.tensor([0, 1])}, micro_step=0, seed=3)
     for part in recipe.micro_step(model, model, inputs):
@@ -194,7 +178,7 @@ def test_adversarial_extension_is_a_discriminator_phase(files, tmp_path):
     heads = {id(p) for p in model.discriminator.heads.parameters()}
     assert {id(p) for _, p in recipe.phases[1].parameters} == heads
     backbone = rf.state_snapshot(model.discriminator.backbone)
-    lq, gt, _ = _batch(2)
+    lq, gt, _ = rf.random_batch(2)
     inputs = StepInputs(lq=F.interpolate(lq, scale_factor=4, mode="bicubic"), gt=gt,
                         batch={"lr": (lq + 1) / 2, "id": torch.tensor([0, 1])}, micro_step=0, seed=3)
     with torch.no_grad():  # the GAN term: the module's loss on the same SR with the same augmentations

@@ -3,14 +3,28 @@ configs pointing at the tiny SD-2-shaped base. Nothing here is used at run time.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 VGG_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 TINY_WIDTHS = (4, 4, 6, 6, 8, 8, 8, 8, 8, 8, 8, 8, 8)  # real VGG16: 64,64,128,128,256x3,512x6
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the block: tiny models only gain contention from threads on shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_feature_networks(folder: Path, seed: int = 0) -> Path:
@@ -94,3 +108,79 @@ def write_tiny_clip(folder: Path, seed: int = 4) -> Path:
     )
     CLIPModel(config).save_pretrained(folder)
     return folder
+
+
+def assert_cli_upscales(tmp_path: Path, image: Path, base_dir: Path, weights: Path) -> None:
+    """`onestep-sr upscale` on one copied LR image with the trained weights writes its output."""
+    import shutil
+
+    from onestep_sr.cli import main as cli_main
+
+    source = tmp_path / "lr.png"
+    shutil.copy(image, source)
+    code = cli_main(["upscale", str(source), "-o", str(tmp_path / "out.png"), "--base", str(base_dir),
+                     "--weights", str(weights), "--dtype", "fp32", "--device", "cpu"])
+    assert code == 0 and (tmp_path / "out.png").is_file()
+
+
+def load_with_the_loader_node(monkeypatch, tmp_path: Path, base_dir: Path, files: list[Path]):
+    """The loader node on a fake ComfyUI models folder holding `files` (the first is the weights file
+    chosen) and the base under diffusers/tiny; returns the node's model handle."""
+    import shutil
+
+    from onestep_sr.nodes.loader_node import DIFFUSERS_PREFIX, OneStepSRLoader
+
+    import fake_comfy
+    import tinymodels
+
+    tokenizer = tmp_path / "comfy" / "tok"
+    tinymodels.write_tiny_tokenizer(tokenizer)
+    comfy = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
+    (comfy.models_dir / "onestep_sr").mkdir(parents=True)
+    for path in files:
+        shutil.copy(path, comfy.models_dir / "onestep_sr" / path.name)
+    shutil.copytree(base_dir, comfy.models_dir / "diffusers" / "tiny")
+    (handle,) = OneStepSRLoader().load(files[0].name, DIFFUSERS_PREFIX + "tiny", "fp32")
+    return handle
+
+
+def assert_resume_matches_an_uninterrupted_run(config) -> tuple:
+    """`config(folder, max_steps)` -> TrainConfig. Trains 4 steps in folder a, and 2 then 2 resumed in
+    folder b; every logged loss of the resumed pair matches the straight run. Returns (full, resumed,
+    combined history)."""
+    from onestep_sr.training.trainer import train
+
+    full = train(config("a", 4), progress=False)
+    first = train(config("b", 2), progress=False)
+    resumed = train(config("b", 4), resume=first.checkpoint, progress=False)
+    combined = first.history + resumed.history
+    assert len(combined) == 4
+    for a, b in zip(full.history, combined, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    return full, resumed, combined
+
+
+def write_reachable_pair(tmp_path: Path, tiny_base) -> tuple[Path, Path, Path]:
+    """A base whose VAE posterior is nearly deterministic (as SD's is; the random tiny VAE's std is ~1),
+    an HR image its frozen decoder can produce, and the bicubic LR: overfitting has somewhere to go.
+    Returns (base folder, hr folder, lr folder)."""
+    import copy
+
+    import tinymodels
+
+    base = copy.deepcopy(tiny_base)
+    with torch.no_grad():
+        base.vae.quant_conv.weight[4:] = 0
+        base.vae.quant_conv.bias[4:] = -12  # log-variance channels
+    tinymodels.save_diffusers_folder(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(11)
+    latent = torch.nn.functional.interpolate(torch.randn(1, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear")
+    with torch.no_grad():
+        image = (base.vae.decode(latent * 3).sample.clamp(-1, 1) + 1) / 2
+    array = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for folder in ("hr", "lr"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(array).save(tmp_path / "hr" / "a.png")
+    Image.fromarray(array).resize((16, 16), Image.BICUBIC).save(tmp_path / "lr" / "a.png")
+    return tmp_path / "base", tmp_path / "hr", tmp_path / "lr"

@@ -130,17 +130,23 @@ def add_osediff_adapters(unet: nn.Module, vae: nn.Module, rank: int, fake_rank: 
     return {**lists, "vae": vae_list}
 
 
-def set_osediff_trainable(unet: nn.Module, vae: nn.Module) -> None:
-    """Exactly the published trainable set: generator LoRA, conv_in (trained base), VAE-encoder LoRA,
-    plus the fake-score LoRA (its own optimiser). Everything else is frozen."""
+def train_lora_and_conv_in(unet: nn.Module, vae: nn.Module, conv_in_prefix: str) -> None:
+    """Freeze both, then train every LoRA tensor of the UNet and VAE and the UNet parameters under
+    `conv_in_prefix` (the SD-family one-step students' shared trainable set)."""
     unet.requires_grad_(False)
     vae.requires_grad_(False)
     for name, param in unet.named_parameters():
-        if ".lora_" in name or name.startswith("conv_in.base_layer."):
+        if ".lora_" in name or name.startswith(conv_in_prefix):
             param.requires_grad_(True)
     for name, param in vae.named_parameters():
         if ".lora_" in name:
             param.requires_grad_(True)
+
+
+def set_osediff_trainable(unet: nn.Module, vae: nn.Module) -> None:
+    """Exactly the published trainable set: generator LoRA, conv_in (trained base), VAE-encoder LoRA,
+    plus the fake-score LoRA (its own optimiser). Everything else is frozen."""
+    train_lora_and_conv_in(unet, vae, "conv_in.base_layer.")
 
 
 def adapter_of(name: str) -> str | None:

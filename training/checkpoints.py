@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..models.weights_io import write_safetensors_export
 
@@ -88,3 +89,32 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- recipe state beyond the trainable weights (resume) ----------------------------------------------
+def buffers_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of a module's buffers (e.g. BatchNorm statistics, spectral norm's power-iteration
+    vectors): state a resumed run needs that the loop's trainable parameters lack."""
+    return {n: b.detach().cpu().clone() for n, b in module.named_buffers()}
+
+
+def load_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Copy what `buffers_state` returned back into the module's buffers."""
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
+
+
+def discriminator_state(discriminator: nn.Module | None) -> dict[str, Any]:
+    """The discriminator heads' buffers (spectral norm's power-iteration vectors change every training
+    forward), or nothing when the run has no discriminator."""
+    if discriminator is None:
+        return {}
+    return {"discriminator_buffers": buffers_state(discriminator.heads)}
+
+
+def load_discriminator_state(discriminator: nn.Module | None, state: dict[str, Any]) -> None:
+    """Restore what `discriminator_state` returned (a no-op without a discriminator or saved buffers)."""
+    buffers = state.get("discriminator_buffers")
+    if buffers and discriminator is not None:
+        load_buffers(discriminator.heads, buffers)

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..models.dtsm import TimeStepSelector, dtsm_input
 from ..models.schedule import alphas_cumprod
+from .adapters import train_lora_and_conv_in
 from .losses.feature_nets import clip_image_embeds
 from .losses.gumbel_timestep import (
     TimestepChoice,
@@ -60,14 +61,7 @@ def add_hero_adapters(unet: nn.Module, vae: nn.Module, rank_unet: int, rank_vae:
 
 def set_hero_trainable(unet: nn.Module, vae: nn.Module, dtsm: nn.Module, train_dtsm: bool = True) -> None:
     """UNet LoRA + conv_in, VAE-encoder LoRA, the DTSM; everything else frozen."""
-    unet.requires_grad_(False)
-    vae.requires_grad_(False)
-    for name, param in unet.named_parameters():
-        if ".lora_" in name or name.startswith("conv_in."):
-            param.requires_grad_(True)
-    for name, param in vae.named_parameters():
-        if ".lora_" in name:
-            param.requires_grad_(True)
+    train_lora_and_conv_in(unet, vae, "conv_in.")
     dtsm.requires_grad_(train_dtsm)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import buffers_state, load_buffers
 from ..config import TrainConfig
 from ..prompts import PromptEncoder
 from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
@@ -140,16 +141,14 @@ class HeroSRRecipe(Recipe):
 
     def extra_state(self) -> dict:
         """The DTSM's BatchNorm running statistics: buffers, which the loop's trainable state lacks."""
-        return {"dtsm_buffers": {n: b.detach().cpu().clone() for n, b in self.model.dtsm.named_buffers()}}
+        return {"dtsm_buffers": buffers_state(self.model.dtsm)}
 
     def load_extra_state(self, state: dict) -> None:
         buffers = state.get("dtsm_buffers")
         if not buffers:
             raise RecipeError("the checkpoint lacks the DTSM's BatchNorm statistics (dtsm_buffers); "
                               "it was not written by the hero_sr recipe")
-        with torch.no_grad():
-            for name, buffer in self.model.dtsm.named_buffers():
-                buffer.copy_(buffers[name])
+        load_buffers(self.model.dtsm, buffers)
 
     def published(self, unwrapped: nn.Module) -> dict:
         from ..herosr import hero_checkpoint

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import discriminator_state, load_discriminator_state
 from ..config import TrainConfig
 from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
 
@@ -159,12 +160,9 @@ class ResShiftDistillRecipe(Recipe):
     def extra_state(self) -> dict:
         """The EMA weights, and the discriminator heads' buffers (spectral norm's power-iteration
         vectors change every training forward)."""
-        state: dict = {}
+        state: dict = discriminator_state(self.model.discriminator)
         if self.ema_rate:
             state["ema_student"] = {k: v.detach().cpu().clone() for k, v in self.model.ema_student.state_dict().items()}
-        if self.model.discriminator is not None:
-            state["discriminator_buffers"] = {n: b.detach().cpu().clone()
-                                              for n, b in self.model.discriminator.heads.named_buffers()}
         return state
 
     def load_extra_state(self, state: dict) -> None:
@@ -172,11 +170,7 @@ class ResShiftDistillRecipe(Recipe):
             if "ema_student" not in state:
                 raise RecipeError("the checkpoint has no EMA weights (resshift.ema_rate was 0 in that run)")
             self.model.ema_student.load_state_dict(state["ema_student"])
-        buffers = state.get("discriminator_buffers")
-        if buffers and self.model.discriminator is not None:
-            with torch.no_grad():
-                for name, buffer in self.model.discriminator.heads.named_buffers():
-                    buffer.copy_(buffers[name])
+        load_discriminator_state(self.model.discriminator, state)
 
     # -- files -------------------------------------------------------------------------------------
     def published(self, unwrapped: nn.Module) -> dict:

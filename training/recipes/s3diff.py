@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import discriminator_state, load_discriminator_state
 from ..config import TrainConfig
 from ..prompts import PromptEncoder
 from .base import Phase, PhaseLoss, Recipe, RecipeError, StepInputs
@@ -97,17 +98,10 @@ class S3DiffRecipe(Recipe):
 
     def extra_state(self) -> dict:
         """The discriminator's buffers: spectral norm's power-iteration vectors change every training forward."""
-        disc = self.model.discriminator
-        if disc is None:
-            return {}
-        return {"discriminator_buffers": {n: b.detach().cpu().clone() for n, b in disc.heads.named_buffers()}}
+        return discriminator_state(self.model.discriminator)
 
     def load_extra_state(self, state: dict) -> None:
-        buffers = state.get("discriminator_buffers")
-        if buffers and self.model.discriminator is not None:
-            with torch.no_grad():
-                for name, buffer in self.model.discriminator.heads.named_buffers():
-                    buffer.copy_(buffers[name])
+        load_discriminator_state(self.model.discriminator, state)
 
     @property
     def extra_files(self) -> dict[str, Path]:

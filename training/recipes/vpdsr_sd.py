@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..checkpoints import discriminator_state, load_discriminator_state
 from ..config import TrainConfig
 from .base import Phase, PhaseLoss, RecipeError, StepInputs
 from .osediff import OSEDiffRecipe
@@ -81,17 +82,10 @@ class VPDSRSDRecipe(OSEDiffRecipe):
 
     def extra_state(self) -> dict:
         """The discriminator heads' buffers (spectral norm's power-iteration vectors), as S3Diff's recipe."""
-        disc = self.model.discriminator
-        if disc is None:
-            return {}
-        return {"discriminator_buffers": {n: b.detach().cpu().clone() for n, b in disc.heads.named_buffers()}}
+        return discriminator_state(self.model.discriminator)
 
     def load_extra_state(self, state: dict) -> None:
-        buffers = state.get("discriminator_buffers")
-        if buffers and self.model.discriminator is not None:
-            with torch.no_grad():
-                for name, buffer in self.model.discriminator.heads.named_buffers():
-                    buffer.copy_(buffers[name])
+        load_discriminator_state(self.model.discriminator, state)
 
     def validate(self, unwrapped: nn.Module, step: int) -> dict[str, float]:
         """The student is OSEDiff's: validate its osediff.pkl through the OSEDiff pipeline."""
