@@ -30,9 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-GIB = 2**30
-
-
 def _modules(kind: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -101,19 +98,18 @@ def _parts(model, batch: int, crop: int, width: int, device, step: int = 0):
 
 
 def estimate(args) -> int:
+    from meta_memory import GIB, SavedBytes, meta_x0_from_eps, module_bytes
+
     import onestep_sr.training.s3diff as s3diff
     from onestep_sr.training.s3diff import discriminator_parameters, generator_parameters
 
     with torch.device("meta"):
         model, width = _model("sd-turbo", args.gradient_checkpointing)
     model.to("meta")
-    # x0_from_eps checks its timesteps with .item(): a meta-friendly stand-in (memory only, not values)
-    s3diff.x0_from_eps = lambda z, eps, t, schedule: (z - 0.997 * eps.float()) / 0.068
-    named = dict(model.named_parameters())
-    static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    s3diff.x0_from_eps = meta_x0_from_eps
+    static = module_bytes(model)
     trainable = sum(p.numel() for _, p in generator_parameters(model)) + \
         sum(p.numel() for _, p in discriminator_parameters(model))
-    exclude = {id(t) for t in [*named.values(), *model.buffers()]}
     print(f"S3Diff training step on SD-Turbo (meta tensors), batch {args.batch}, {args.crop} px, fp32, "
           f"gradient checkpointing {args.gradient_checkpointing}")
     print(f"weights + buffers (UNet, VAE, modulator, de_net, DINO ViT-B/16, VGG16): {static / GIB:.2f} GiB; "
@@ -121,20 +117,12 @@ def estimate(args) -> int:
     print(f"trainable {trainable / 1e6:.1f} M: gradients {4 * trainable / GIB:.2f} GiB, "
           f"AdamW state {8 * trainable / GIB:.2f} GiB")
     peak = 0
+    saved = SavedBytes(model)
     for name, part in _parts(model, args.batch, args.crop, width, torch.device("meta")):
-        seen: dict[int, int] = {}
-
-        def pack(t, seen=seen):
-            base = t._base if t._base is not None else t
-            if id(t) not in exclude and id(base) not in exclude:
-                seen[id(base)] = base.numel() * base.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved:
             part()
-        saved = sum(seen.values())
-        peak = max(peak, saved)
-        print(f"  {name:13s} saved for backward: {saved / GIB:6.2f} GiB")
+        peak = max(peak, saved.total)
+        print(f"  {name:13s} saved for backward: {saved.total / GIB:6.2f} GiB")
     total = static + 12 * trainable + peak
     print(f"estimated peak (weights + grads + AdamW + largest part's saved activations): {total / GIB:.2f} GiB "
           f"(+ text encoder if kept on the device)")
@@ -155,6 +143,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.estimate:
         return estimate(args)
+
+    from meta_memory import GIB
 
     from onestep_sr.training.s3diff import discriminator_parameters, generator_parameters
 
