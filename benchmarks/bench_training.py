@@ -14,7 +14,8 @@ not timed.
 
 --estimate builds the SD-2.1-base UNet (generator + fake-score adapters on one base), the VAE (encoder
 LoRA), a full-width LPIPS VGG16 and the OpenCLIP-H text encoder on the meta device and prints, for batch 1
-and 4, with and without UNet gradient checkpointing (as the recipe sets it), in fp32 and in bf16 mixed
+and 4, without gradient checkpointing, with the UNet's only, and with the UNet's and the VAE's (what the
+recipe's `model.gradient_checkpointing` sets), in fp32 and in bf16 mixed
 precision: weights + buffers (fp32, as accelerate keeps them), gradients and AdamW state of all trainable
 parameters (fp32), and the bytes autograd saves in each part of the step (`meta_memory.SavedBytes`):
 the generator (encoder + UNet + decoder + MSE + LPIPS + the VSD loss on z0; the real/fake score passes run
@@ -198,8 +199,9 @@ def main() -> int:
     base_bytes = _bytes(unet)
     add_osediff_adapters(unet, vae, 4, 4)
     set_osediff_trainable(unet, vae)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing:  # as the recipe: UNet and VAE
         unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
     model = OSEDiffTrainModel(unet, vae, None, _lpips(args.model), {"mse": 1.0, "lpips": 2.0, "vsd": 1.0}).to(device)
     unet.train()
     opt_g = torch.optim.AdamW([p for _, p in generator_parameters(model)], lr=5e-5, weight_decay=1e-2)
