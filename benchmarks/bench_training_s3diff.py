@@ -9,8 +9,9 @@ random weights; or, with --estimate, the memory of the SD-Turbo-sized step count
 --estimate builds SD-Turbo's UNet/VAE, DINO ViT-B/16, a full-width LPIPS VGG and de_net on the meta
 device and reports (a) parameter/buffer bytes, gradients and AdamW state of the trainable set, and (b)
 the bytes autograd saves for backward in each part of the step (views counted once, parameters
-excluded). The parts run one after another with a backward in between, so the activation peak is the
-largest part. Meta tensors take PyTorch's reference attention path, which saves the attention
+excluded; with checkpointing, the block inputs diffusers' checkpoint keeps and the largest block while
+backward recomputes it). The parts run one after another with a backward in between, so the activation
+peak is the largest part. Meta tensors take PyTorch's reference attention path, which saves the attention
 probabilities; flash / memory-efficient attention on a GPU does not, so (b) is an upper bound there.
 Allocator overhead and transient buffers are not counted.
 """
@@ -118,13 +119,18 @@ def estimate(args) -> int:
           f"AdamW state {8 * trainable / GIB:.2f} GiB")
     peak = 0
     saved = SavedBytes(model)
+    if args.gradient_checkpointing:  # count the block inputs and the recomputed block (see meta_memory)
+        model.unet.enable_gradient_checkpointing(saved.checkpoint)
+        model.vae.enable_gradient_checkpointing(saved.checkpoint)
     for name, part in _parts(model, args.batch, args.crop, width, torch.device("meta")):
         with saved:
             part()
-        peak = max(peak, saved.total)
-        print(f"  {name:13s} saved for backward: {saved.total / GIB:6.2f} GiB")
+        peak = max(peak, saved.total + saved.recompute)
+        print(f"  {name:13s} saved for backward: {saved.total / GIB:6.2f} GiB, "
+              f"+ {saved.recompute / GIB:.2f} GiB while its largest checkpointed block is recomputed")
     total = static + 12 * trainable + peak
-    print(f"estimated peak (weights + grads + AdamW + largest part's saved activations): {total / GIB:.2f} GiB "
+    print(f"estimated peak (weights + grads + AdamW + largest part's saved and recomputed activations): "
+          f"{total / GIB:.2f} GiB "
           f"(+ text encoder if kept on the device)")
     return 0
 
