@@ -9,8 +9,9 @@ random weights; or, with --estimate, the memory of the SD-Turbo-sized step count
 --estimate builds SD-Turbo's UNet/VAE, DINO ViT-B/16, a full-width LPIPS VGG and de_net on the meta
 device and reports (a) parameter/buffer bytes, gradients and AdamW state of the trainable set, and (b)
 the bytes autograd saves for backward in each part of the step (views counted once, parameters
-excluded). The parts run one after another with a backward in between, so the activation peak is the
-largest part. Meta tensors take PyTorch's reference attention path, which saves the attention
+excluded; with checkpointing, the block inputs diffusers' checkpoint keeps and the largest block while
+backward recomputes it). The parts run one after another with a backward in between, so the activation
+peak is the largest part. Meta tensors take PyTorch's reference attention path, which saves the attention
 probabilities; flash / memory-efficient attention on a GPU does not, so (b) is an upper bound there.
 Allocator overhead and transient buffers are not counted.
 """
@@ -29,9 +30,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-GIB = 2**30
-
 
 def _modules(kind: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -101,19 +99,18 @@ def _parts(model, batch: int, crop: int, width: int, device, step: int = 0):
 
 
 def estimate(args) -> int:
+    from meta_memory import GIB, SavedBytes, meta_x0_from_eps, module_bytes
+
     import onestep_sr.training.s3diff as s3diff
     from onestep_sr.training.s3diff import discriminator_parameters, generator_parameters
 
     with torch.device("meta"):
         model, width = _model("sd-turbo", args.gradient_checkpointing)
     model.to("meta")
-    # x0_from_eps checks its timesteps with .item(): a meta-friendly stand-in (memory only, not values)
-    s3diff.x0_from_eps = lambda z, eps, t, schedule: (z - 0.997 * eps.float()) / 0.068
-    named = dict(model.named_parameters())
-    static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    s3diff.x0_from_eps = meta_x0_from_eps
+    static = module_bytes(model)
     trainable = sum(p.numel() for _, p in generator_parameters(model)) + \
         sum(p.numel() for _, p in discriminator_parameters(model))
-    exclude = {id(t) for t in [*named.values(), *model.buffers()]}
     print(f"S3Diff training step on SD-Turbo (meta tensors), batch {args.batch}, {args.crop} px, fp32, "
           f"gradient checkpointing {args.gradient_checkpointing}")
     print(f"weights + buffers (UNet, VAE, modulator, de_net, DINO ViT-B/16, VGG16): {static / GIB:.2f} GiB; "
@@ -121,22 +118,19 @@ def estimate(args) -> int:
     print(f"trainable {trainable / 1e6:.1f} M: gradients {4 * trainable / GIB:.2f} GiB, "
           f"AdamW state {8 * trainable / GIB:.2f} GiB")
     peak = 0
+    saved = SavedBytes(model)
+    if args.gradient_checkpointing:  # count the block inputs and the recomputed block (see meta_memory)
+        model.unet.enable_gradient_checkpointing(saved.checkpoint)
+        model.vae.enable_gradient_checkpointing(saved.checkpoint)
     for name, part in _parts(model, args.batch, args.crop, width, torch.device("meta")):
-        seen: dict[int, int] = {}
-
-        def pack(t, seen=seen):
-            base = t._base if t._base is not None else t
-            if id(t) not in exclude and id(base) not in exclude:
-                seen[id(base)] = base.numel() * base.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved:
             part()
-        saved = sum(seen.values())
-        peak = max(peak, saved)
-        print(f"  {name:13s} saved for backward: {saved / GIB:6.2f} GiB")
+        peak = max(peak, saved.total + saved.recompute)
+        print(f"  {name:13s} saved for backward: {saved.total / GIB:6.2f} GiB, "
+              f"+ {saved.recompute / GIB:.2f} GiB while its largest checkpointed block is recomputed")
     total = static + 12 * trainable + peak
-    print(f"estimated peak (weights + grads + AdamW + largest part's saved activations): {total / GIB:.2f} GiB "
+    print(f"estimated peak (weights + grads + AdamW + largest part's saved and recomputed activations): "
+          f"{total / GIB:.2f} GiB "
           f"(+ text encoder if kept on the device)")
     return 0
 
@@ -155,6 +149,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.estimate:
         return estimate(args)
+
+    from meta_memory import GIB
 
     from onestep_sr.training.s3diff import discriminator_parameters, generator_parameters
 

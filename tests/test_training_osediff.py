@@ -100,7 +100,7 @@ def test_exactly_the_published_parameters_train_and_the_base_stays(tiny_base, fe
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, features):
     """Checkpointed blocks are recomputed during backward, after VSD switched adapters: the generator's
-    gradients must still be those of the generator's adapters."""
+    gradients must still be those of the generator's adapters (the recipe checkpoints the VAE as well)."""
     grads = []
     for checkpointing in (False, True):
         model, _ = _model(tiny_base, features)
@@ -108,7 +108,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, features):
         _randomise_lora(model.unet, GENERATOR + FAKE, 4)
         if checkpointing:
             model.unet.enable_gradient_checkpointing()
+            model.vae.enable_gradient_checkpointing()
         model.unet.train()
+        model.vae.train()
         g = torch.Generator().manual_seed(0)
         lq, gt = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1, torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
         out = model("generator", lq=lq, gt=gt, embeds=_embeds(tiny_base), negative=_embeds(tiny_base, ""),
@@ -117,6 +119,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, features):
         grads.append({n: p.grad.clone() for n, p in generator_parameters(model)})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_recipe_checkpoints_the_unet_and_the_vae(tmp_path, tiny_base_dir, features):
+    """At 512 px the VAE's saved activations outweigh the UNet's (docs/training.md, Memory and speed)."""
+    from onestep_sr.training.recipes import build_recipe
+
+    tf.write_images(tmp_path / "imgs", 2)
+    for flag in (False, True):
+        config = _config(tmp_path, tiny_base_dir, features, tmp_path / "imgs", model__gradient_checkpointing=flag)
+        model = build_recipe(config, torch.device("cpu")).model
+        assert model.unet.is_gradient_checkpointing is flag
+        assert model.vae.encoder.gradient_checkpointing is flag and model.vae.decoder.gradient_checkpointing is flag
 
 
 def test_vsd_gradient_equals_hand_computation(tiny_base, features):

@@ -47,8 +47,9 @@ class OSEDiffRecipe(Recipe):
         set_osediff_trainable(unet, vae)
         if config.model.init_weights:
             self.load_published(unet, vae, config.model.init_weights)
-        if config.model.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        if config.model.gradient_checkpointing:  # the VAE's 512 px activations outweigh the UNet's (see
+            unet.enable_gradient_checkpointing()  # docs/training.md, Memory and speed)
+            vae.enable_gradient_checkpointing()
         weights = {"mse": config.loss.mse, "lpips": config.loss.lpips, "vsd": config.loss.vsd}
         self.model = self.make_model(unet, vae, lpips, weights)
         self.model.to(device)
