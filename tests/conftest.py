@@ -68,3 +68,20 @@ def vae(tiny_base):
 def vae64(tiny_base):
     """A float64 copy of the tiny VAE, for checks that float32 rounding would blur."""
     return copy.deepcopy(tiny_base.vae).double()
+
+
+@pytest.fixture
+def tiny_configs(monkeypatch, tmp_path):
+    """Point the shipped 'sd21_base' configs at the tiny ones."""
+    import json
+
+    from onestep_sr.models import base_models
+
+    from tinymodels import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+
+    folder = tmp_path / "configs" / "sd21_base"
+    folder.mkdir(parents=True)
+    for name, config in (("unet", TINY_UNET_CONFIG), ("vae", TINY_VAE_CONFIG), ("text_encoder", TINY_TEXT_CONFIG)):
+        (folder / f"{name}.json").write_text(json.dumps(config))
+    monkeypatch.setattr(base_models, "CONFIG_DIR", folder.parent)
+    return folder

@@ -267,3 +267,27 @@ def checkpoint_outputs(unet_state: dict, vae_state: dict, clip_state: dict, mode
     clip = _Holder(cond_stage_model=_StateModule(clip_state), patcher=_Holder(patches=dict(clip_patches or {})))
     vae = _Holder(first_stage_model=_StateModule(vae_state))
     return model, clip, vae
+
+
+def install_with_osediff(monkeypatch, root: Path, tiny_base_dir: Path, osediff_pkl: Path) -> types.SimpleNamespace:
+    """The fake ComfyUI with the tiny base's tokenizer as its bundled one and osediff.pkl in models/onestep_sr/."""
+    import shutil
+
+    tokenizer = root / "comfy" / "sd1_tokenizer"
+    shutil.copytree(tiny_base_dir / "tokenizer", tokenizer)
+    state = install(monkeypatch, root, tokenizer)
+    (state.models_dir / "onestep_sr").mkdir(parents=True)
+    shutil.copy(osediff_pkl, state.models_dir / "onestep_sr" / "osediff.pkl")
+    return state
+
+
+def tiny_comfy_states(tiny_base) -> tuple[dict, dict, dict]:
+    """Load Checkpoint's state dicts for the tiny base: LDM UNet/VAE, ComfyUI's SD-2 CLIP keys."""
+    from onestep_sr.models import ldm_convert as lc
+
+    from tinymodels import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+
+    unet = lc.diffusers_to_ldm_unet(tiny_base.unet.state_dict(), TINY_UNET_CONFIG)
+    vae = lc.diffusers_to_ldm_vae(tiny_base.vae.state_dict(), TINY_VAE_CONFIG)
+    clip = {f"clip_h.transformer.{k}": v for k, v in lc.canonical_clip_keys(tiny_base.text_encoder.state_dict()).items()}
+    return unet, vae, clip

@@ -13,12 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from onestep_sr.models import base_models
-from onestep_sr.models import ldm_convert as lc
 from onestep_sr.models.base_models import BaseModelError, load_diffusers_base, load_single_file_base
 from onestep_sr.nodes.loader_node import FROM_INPUTS, OneStepSRLoader
 
 import fake_comfy
-from tinymodels import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
 ATTN2_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CLI_TAIL = "the one-step SR methods need an SD-2.x base (SD-2.1-base for OSEDiff, SD-Turbo for S3Diff/Hero-SR)"
@@ -26,28 +24,9 @@ CLI_TAIL = "the one-step SR methods need an SD-2.x base (SD-2.1-base for OSEDiff
 
 @pytest.fixture
 def comfy(monkeypatch, tmp_path, tiny_base_dir, osediff_pkl):
-    tokenizer = tmp_path / "comfy" / "sd1_tokenizer"
-    shutil.copytree(tiny_base_dir / "tokenizer", tokenizer)
-    state = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (state.models_dir / "onestep_sr").mkdir(parents=True)
-    shutil.copy(osediff_pkl[0], state.models_dir / "onestep_sr" / "osediff.pkl")
-    return state
+    return fake_comfy.install_with_osediff(monkeypatch, tmp_path, tiny_base_dir, osediff_pkl[0])
 
 
-@pytest.fixture
-def tiny_configs(monkeypatch, tmp_path):
-    folder = tmp_path / "configs" / "sd21_base"
-    folder.mkdir(parents=True)
-    for name, config in (("unet", TINY_UNET_CONFIG), ("vae", TINY_VAE_CONFIG), ("text_encoder", TINY_TEXT_CONFIG)):
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    monkeypatch.setattr(base_models, "CONFIG_DIR", folder.parent)
-
-
-def _tiny_comfy_states(tiny_base) -> tuple[dict, dict, dict]:
-    unet = lc.diffusers_to_ldm_unet(tiny_base.unet.state_dict(), TINY_UNET_CONFIG)
-    vae = lc.diffusers_to_ldm_vae(tiny_base.vae.state_dict(), TINY_VAE_CONFIG)
-    clip = {f"clip_h.transformer.{k}": v for k, v in lc.canonical_clip_keys(tiny_base.text_encoder.state_dict()).items()}
-    return unet, vae, clip
 
 
 def _load_from_inputs(outputs):
@@ -88,7 +67,7 @@ def test_other_families_from_load_checkpoint(comfy, unet, clip, expected):
 
 
 def test_v_prediction_model_is_refused_naming_the_file(comfy, tiny_base):
-    outputs = fake_comfy.checkpoint_outputs(*_tiny_comfy_states(tiny_base), model_type="V_PREDICTION")
+    outputs = fake_comfy.checkpoint_outputs(*fake_comfy.tiny_comfy_states(tiny_base), model_type="V_PREDICTION")
     with pytest.raises(BaseModelError) as error:
         _load_from_inputs(outputs)
     message = _one_line(error)
@@ -99,7 +78,7 @@ def test_v_prediction_model_is_refused_naming_the_file(comfy, tiny_base):
 def test_lora_patches_on_the_model_and_clip_count(comfy, tiny_configs, tiny_base):
     """LoraLoader's patches (here "diff" patches) on the MODEL and CLIP are applied to our modules at load
     time, on the weights built from those very tensors; no warning."""
-    unet, vae, clip = _tiny_comfy_states(tiny_base)
+    unet, vae, clip = fake_comfy.tiny_comfy_states(tiny_base)
     unet_key = "input_blocks.1.1.norm.weight"  # not an OSEDiff LoRA target
     clip_key = next(k for k in clip if k.endswith("layers.0.self_attn.q_proj.weight"))
     unet_diff = torch.full_like(unet[unet_key], 0.25)
@@ -121,7 +100,7 @@ def test_lora_patches_on_the_model_and_clip_count(comfy, tiny_configs, tiny_base
 
 
 def test_unpatched_model_gives_no_warning(comfy, tiny_configs, tiny_base):
-    _load_from_inputs(fake_comfy.checkpoint_outputs(*_tiny_comfy_states(tiny_base)))
+    _load_from_inputs(fake_comfy.checkpoint_outputs(*fake_comfy.tiny_comfy_states(tiny_base)))
     assert comfy.ui_text == []
 
 

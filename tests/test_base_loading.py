@@ -3,7 +3,6 @@ the errors for wrong or broken files. Tiny configs stand in for the shipped SD-2
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -20,17 +19,6 @@ from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings
 
 import fake_comfy
 from tinymodels import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
-
-
-@pytest.fixture
-def tiny_configs(monkeypatch, tmp_path):
-    """Point the shipped 'sd21_base' configs at the tiny ones."""
-    folder = tmp_path / "configs" / "sd21_base"
-    folder.mkdir(parents=True)
-    for name, config in (("unet", TINY_UNET_CONFIG), ("vae", TINY_VAE_CONFIG), ("text_encoder", TINY_TEXT_CONFIG)):
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    monkeypatch.setattr(base_models, "CONFIG_DIR", folder.parent)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,11 @@ while it encodes, once per prompt."""
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 
 import pytest
 import torch
 
-from onestep_sr.models import base_models, device_memory
-from onestep_sr.models import ldm_convert as lc
+from onestep_sr.models import device_memory
 from onestep_sr.models.base_models import BaseModels
 from onestep_sr.models.weights_io import read_weights_file
 from onestep_sr.nodes import comfy_adapter
@@ -23,7 +20,6 @@ from onestep_sr.pipelines.model import apply_method_weights
 from onestep_sr.pipelines.onestep import OneStepPipeline, UpscaleSettings
 
 import fake_comfy
-from tinymodels import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
 UPSCALE = dict(prompt="a photo", scale=4.0, color_fix=METHOD_DEFAULT, latent_tile=96, latent_overlap=32,
                vae_encoder_tile=1024, vae_decoder_tile=224, latent="mean", seed=0)
@@ -31,34 +27,14 @@ UPSCALE = dict(prompt="a photo", scale=4.0, color_fix=METHOD_DEFAULT, latent_til
 
 @pytest.fixture
 def comfy(monkeypatch, tmp_path, tiny_base_dir, osediff_pkl):
-    tokenizer = tmp_path / "comfy" / "sd1_tokenizer"
-    shutil.copytree(tiny_base_dir / "tokenizer", tokenizer)
-    state = fake_comfy.install(monkeypatch, tmp_path, tokenizer)
-    (state.models_dir / "onestep_sr").mkdir(parents=True)
-    shutil.copy(osediff_pkl[0], state.models_dir / "onestep_sr" / "osediff.pkl")
-    return state
+    return fake_comfy.install_with_osediff(monkeypatch, tmp_path, tiny_base_dir, osediff_pkl[0])
 
 
-@pytest.fixture
-def tiny_configs(monkeypatch, tmp_path):
-    folder = tmp_path / "configs" / "sd21_base"
-    folder.mkdir(parents=True)
-    for name, config in (("unet", TINY_UNET_CONFIG), ("vae", TINY_VAE_CONFIG), ("text_encoder", TINY_TEXT_CONFIG)):
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    monkeypatch.setattr(base_models, "CONFIG_DIR", folder.parent)
-
-
-def _tiny_comfy_states(tiny_base) -> tuple[dict, dict, dict]:
-    """Load Checkpoint's state dicts for the tiny base: LDM UNet/VAE, ComfyUI's SD-2 CLIP keys."""
-    unet = lc.diffusers_to_ldm_unet(tiny_base.unet.state_dict(), TINY_UNET_CONFIG)
-    vae = lc.diffusers_to_ldm_vae(tiny_base.vae.state_dict(), TINY_VAE_CONFIG)
-    clip = {f"clip_h.transformer.{k}": v for k, v in lc.canonical_clip_keys(tiny_base.text_encoder.state_dict()).items()}
-    return unet, vae, clip
 
 
 @pytest.fixture
 def from_inputs(comfy, tiny_configs, tiny_base):
-    states = _tiny_comfy_states(tiny_base)
+    states = fake_comfy.tiny_comfy_states(tiny_base)
     model, clip, vae = fake_comfy.checkpoint_outputs(*states)
     (handle,) = OneStepSRLoader().load("osediff.pkl", FROM_INPUTS, "fp32", model=model, clip=clip, vae=vae)
     host = {id(t): t for state in states for t in state.values()}
