@@ -35,7 +35,8 @@ import tinymodels  # noqa: E402
 import training_fixtures as tf  # noqa: E402
 
 
-def _config(work: Path, name: str, batch: int, steps: int, hr: Path, lr: Path, method: str) -> Path:
+def _config(work: Path, name: str, batch: int, steps: int, hr: Path, lr: Path, method: str,
+            learning_rate: float | None) -> Path:
     config = tf.tiny_config(work / name, work / "base", work / "features", hr, train__max_steps=steps,
                             train__batch_size=batch, train__checkpoint_every=steps)
     config["data"].update({"train_lr": str(lr), "flip": True})
@@ -44,6 +45,8 @@ def _config(work: Path, name: str, batch: int, steps: int, hr: Path, lr: Path, m
         config["model"].update({"de_net": str(work / "features" / "de_net.pth"), "rank_unet": 4, "rank_vae": 4})
         config["loss"] = {"mse": 2.0, "lpips": 5.0, "gan": 0.5, "vsd": 0.0, "negative_sample_prob": 0.25,
                           "positive_prompt": "a photo"}
+    if learning_rate is not None:
+        config.setdefault("optim", {})["lr"] = learning_rate
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -55,6 +58,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/onestep_dist")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--method", choices=["osediff", "s3diff"], default="osediff")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="override optim.lr (Adam's noise-driven weight differences scale with it)")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -71,8 +76,8 @@ def main() -> int:
         torch.save(DinoViT(dim=32, depth=12, heads=1).state_dict(), work / "features" / "dino_vitbase16_pretrain.pth")
         synthetic_s3diff.write_de_net(work / "features" / "de_net.pth")
     hr, lr = tf.write_pairs(work / "pairs", 6, size=64)
-    single = _config(work, "single", 4, args.steps, hr, lr, args.method)
-    double = _config(work, "double", 2, args.steps, hr, lr, args.method)
+    single = _config(work, "single", 4, args.steps, hr, lr, args.method, args.lr)
+    double = _config(work, "double", 2, args.steps, hr, lr, args.method, args.lr)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "onestep_sr.training", str(single), "--no-progress"], check=True, env=env)
     # accelerate's `--cpu` launches ONE process; the torchrun launcher (--multi_gpu) starts two, and the
