@@ -106,8 +106,12 @@ def _pass(x: torch.Tensor, dim: int, out_size: int, name: str, fixed: bool) -> t
         if fixed:
             total = (gathered.to(torch.int64) * kernel[rows]).sum(-1) + (1 << (PRECISION_BITS - 1))
             out[..., rows] = (total >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
-        else:
-            out[..., rows] = (gathered.to(torch.float64) * kernel[rows]).sum(-1).to(torch.float32)
+        else:  # summed tap by tap in float64, in Pillow's order: a tree sum rounds differently now and then
+            products = gathered.to(torch.float64) * kernel[rows]
+            total = products[..., 0].clone()
+            for tap in range(1, products.shape[-1]):
+                total += products[..., tap]
+            out[..., rows] = total.to(torch.float32)
     return out.movedim(-1, dim)
 
 
